@@ -1,0 +1,31 @@
+# Two entry points, both self-provisioning:
+#   make demo   set up .venv and run the CPU demo
+#   make test   set up .venv and run the test suite (what CI runs)
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU machines: the pinned version resolves to the local CPU wheel; an
+# unpinned torch would pull several GB of CUDA wheels. GPU machines: set
+# TORCH_SPEC to the CUDA build you want (or "" to keep a preinstalled one).
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install demo test clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(if $(TORCH_SPEC),$(BIN)/pip install --quiet "$(TORCH_SPEC)")
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/python examples/demo_cpu.py
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs
