@@ -1,7 +1,7 @@
 """Run configuration: typed dataclasses, YAML loading, dotted overrides, validation.
 
 A run is described by one `RunConfig` whose sections (`model`, `parallel`,
-`rollout`, `algorithm`, `data`, `train`, `checkpoint`, `logging`) are plain
+`rollout`, `algorithm`, `data`, `reward`, `train`, `checkpoint`, `logging`) are plain
 keyword-only dataclasses. Every field is documented by the string literal
 under it; `describe_fields()` reads those docstrings back for `megatron-gppo
 config --reference` and the README.
@@ -292,6 +292,23 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+class RewardConfig:
+    format_penalty: float = 0.0
+    """Reward of a response without a complete \\boxed{} answer is -format_penalty (correct: 1, wrong: 0)."""
+
+    timeout_s: float = 5.0
+    """Per-sample time limit of the math-verify check; a sample that exceeds it scores 0."""
+
+    num_workers: int = 2
+    """Processes that compute rewards in parallel; 0 computes them in the trainer process."""
+
+    def __post_init__(self) -> None:
+        _require(self.format_penalty >= 0, "format_penalty", self.format_penalty, "a number >= 0")
+        _require(self.timeout_s > 0, "timeout_s", self.timeout_s, "a number > 0")
+        _require(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     output_dir: str = "runs/default"
     """Run directory: metrics.jsonl, checkpoints/, plots/, the resolved config.yaml."""
@@ -421,6 +438,9 @@ class RunConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     """Prompt datasets."""
+
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """How responses are scored."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
     """Steps, batch sizes and optimizer."""
@@ -649,6 +669,6 @@ def describe_fields(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, 
 
 __all__ = [
     "AlgorithmConfig", "BetaScheduleConfig", "CheckpointConfig", "ConfigError", "DataConfig",
-    "LoggingConfig", "ModelConfig", "ParallelConfig", "RolloutConfig", "RunConfig", "TrainConfig",
+    "LoggingConfig", "ModelConfig", "ParallelConfig", "RewardConfig", "RolloutConfig", "RunConfig", "TrainConfig",
     "describe_fields", "from_dict", "load_config", "parse_override", "save_config", "to_dict",
 ]
