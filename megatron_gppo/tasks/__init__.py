@@ -1,0 +1,1 @@
+"""Small, self-contained tasks and models for the CPU demo and the tests."""
