@@ -1,0 +1,141 @@
+"""Diagnostics on hand-made inputs, metric combination across micro-batches, and the no-megatron rule."""
+
+import ast
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_gppo.algorithm import combine_metrics, compute_policy_loss, diagnostics
+
+F64 = torch.float64
+ALGORITHM_DIR = Path(__file__).resolve().parents[2] / "megatron_gppo" / "algorithm"
+
+
+def hand_made_batch():
+    """Two rows, 7 mask tokens; probabilities, ratios and advantages chosen to hit known groups."""
+    probs = torch.tensor([[0.9, 0.2, 0.6, 0.1], [0.05, 0.7, 0.5, 0.3]], dtype=F64)
+    ratios = torch.tensor([[1.0, 1.5, 0.5, 0.9], [0.7, 1.3, 1.0, 3.0]], dtype=F64)
+    advantages = torch.tensor([[1.0, 1.0, -1.0, -1.0], [2.0, -1.0, 0.0, 1.0]], dtype=F64)
+    loss_mask = torch.tensor([[True, True, True, True], [True, True, True, False]])
+    log_probs = torch.log(probs).requires_grad_(True)
+    old_log_probs = torch.log(probs / ratios)
+    return log_probs, old_log_probs, advantages, loss_mask
+
+
+def test_hand_made_metrics():
+    log_probs, old_log_probs, advantages, loss_mask = hand_made_batch()
+    _, metrics = compute_policy_loss(
+        "ce_gppo", log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages, loss_mask=loss_mask
+    )
+    # Groups at threshold 0.5: PA&HP {0.9}, PA&LP {0.2, 0.05}, NA&HP {0.6, 0.7}, NA&LP {0.1}; A = 0 in none.
+    assert metrics["frac_pa_hp"] == pytest.approx(1 / 7)
+    assert metrics["frac_pa_lp"] == pytest.approx(2 / 7)
+    assert metrics["frac_na_hp"] == pytest.approx(2 / 7)
+    assert metrics["frac_na_lp"] == pytest.approx(1 / 7)
+    # Clipped: (r 0.5, A < 0) low; (r 1.5, A > 0) high; (r 3.0, A > 0) is padding.
+    assert metrics["clip_frac_low"] == pytest.approx(1 / 7)
+    assert metrics["clip_frac_high"] == pytest.approx(1 / 7)
+    assert metrics["clip_frac_dual"] == 0.0
+    ratios = [1.0, 1.5, 0.5, 0.9, 0.7, 1.3, 1.0]
+    assert metrics["ratio_mean"] == pytest.approx(sum(ratios) / 7)
+    assert metrics["approx_kl"] == pytest.approx(sum(r - 1 - math.log(r) for r in ratios) / 7)
+    assert metrics["approx_kl_k1"] == pytest.approx(sum(-math.log(r) for r in ratios) / 7)
+    assert metrics["num_tokens"] == 7 and metrics["num_sequences"] == 2 and metrics["num_positive_tokens"] == 3
+    assert all(isinstance(value, float) for value in metrics.values())
+
+
+def test_group_threshold_is_a_keyword():
+    log_probs, _, advantages, loss_mask = hand_made_batch()
+    fractions = diagnostics.token_group_fractions(
+        log_probs=log_probs.detach(), advantages=advantages, loss_mask=loss_mask, high_prob_threshold=0.65
+    )
+    # HP is now {0.9, 0.7}.
+    assert diagnostics.to_floats(fractions) == pytest.approx(
+        {"frac_pa_hp": 1 / 7, "frac_pa_lp": 2 / 7, "frac_na_hp": 1 / 7, "frac_na_lp": 2 / 7}
+    )
+
+
+def test_entropy_change_estimate_is_minus_the_covariance():
+    generator = torch.Generator().manual_seed(0)
+    log_probs = -torch.rand(5, 8, dtype=F64, generator=generator) * 3
+    advantages = torch.randn(5, 1, dtype=F64, generator=generator).expand(5, 8)
+    loss_mask = torch.rand(5, 8, generator=generator) > 0.3
+    estimate = diagnostics.entropy_change_moments(log_probs=log_probs, advantages=advantages, loss_mask=loss_mask)
+    x = log_probs[loss_mask]
+    y = torch.exp(x) * advantages[loss_mask]
+    covariance = torch.cov(torch.stack([x, y]), correction=0)[0, 1]
+    torch.testing.assert_close(estimate["entropy_change_estimate"], -covariance)
+    assert abs(covariance.item()) > 1e-3
+
+
+def test_entropy_change_sign_follows_the_paper():
+    # Positive advantage on a high-probability token sharpens the policy: entropy goes down.
+    log_probs = torch.log(torch.tensor([[0.9, 0.1]], dtype=F64))
+    loss_mask = torch.ones(1, 2, dtype=torch.bool)
+    sharpen = diagnostics.entropy_change_moments(
+        log_probs=log_probs, advantages=torch.tensor([[1.0, -1.0]], dtype=F64), loss_mask=loss_mask
+    )
+    explore = diagnostics.entropy_change_moments(
+        log_probs=log_probs, advantages=torch.tensor([[-1.0, 1.0]], dtype=F64), loss_mask=loss_mask
+    )
+    assert sharpen["entropy_change_estimate"] < 0 < explore["entropy_change_estimate"]
+
+
+def test_combine_metrics_equals_whole_batch_metrics():
+    generator = torch.Generator().manual_seed(1)
+    old_log_probs = -torch.rand(7, 6, dtype=F64, generator=generator) * 3
+    log_probs = (old_log_probs + 0.4 * torch.randn(7, 6, dtype=F64, generator=generator)).clamp(max=-1e-3)
+    advantages = torch.randn(7, 1, dtype=F64, generator=generator).expand(7, 6)
+    loss_mask = torch.rand(7, 6, generator=generator) > 0.25
+    entropy = torch.rand(7, 6, dtype=F64, generator=generator)
+    rollout_log_probs = old_log_probs + 0.2 * torch.randn(7, 6, dtype=F64, generator=generator)
+
+    def metrics_of(rows):
+        _, metrics = compute_policy_loss(
+            "ce_gppo",
+            log_probs=log_probs[rows],
+            old_log_probs=old_log_probs[rows],
+            advantages=advantages[rows],
+            loss_mask=loss_mask[rows],
+            entropy=entropy[rows],
+            rollout_log_probs=rollout_log_probs[rows],
+        )
+        return metrics
+
+    whole = metrics_of(slice(None))
+    parts = [metrics_of(rows) for rows in (slice(0, 3), slice(3, 4), slice(4, 7))]
+    combined = combine_metrics(parts)
+    assert set(combined) == set(whole)
+    assert combined == pytest.approx(whole)
+    # A plain token-weighted mean of the covariance would not be exact.
+    naive = sum(p["entropy_change_estimate"] * p["num_tokens"] for p in parts) / whole["num_tokens"]
+    assert naive != pytest.approx(whole["entropy_change_estimate"])
+
+
+def test_combine_metrics_sums_counts_and_skips_empty_parts():
+    combined = combine_metrics(
+        [
+            {"num_tokens": 3.0, "clip_frac_low": 1.0},
+            {"num_tokens": 0.0, "clip_frac_low": 0.0},
+            {"num_tokens": 1.0, "clip_frac_low": 0.0},
+        ]
+    )
+    assert combined == {"num_tokens": 4.0, "clip_frac_low": 0.75}
+    assert combine_metrics([{"num_tokens": 0.0, "ratio_mean": 0.0}]) == {"num_tokens": 0.0, "ratio_mean": 0.0}
+
+
+def test_algorithm_package_never_imports_megatron():
+    for path in ALGORITHM_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not any(name.split(".")[0] == "megatron" for name in names), f"{path.name} imports {names}"
+    code = "import sys, megatron_gppo.algorithm; sys.exit(any(m.split('.')[0] == 'megatron' for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

@@ -1,0 +1,130 @@
+"""Beta schedules: each kind, the entropy controller's direction and bounds, resume state, the factory."""
+
+import pytest
+
+from megatron_gppo.algorithm import (
+    BETA_SCHEDULES,
+    ConstantBetas,
+    EntropyTargetController,
+    LinearRamp,
+    StepSwitch,
+    make_beta_schedule,
+)
+
+
+def test_constant():
+    schedule = ConstantBetas()
+    assert schedule.betas(0) == schedule.betas(10_000, entropy=3.0) == (0.5, 1.0)
+    assert ConstantBetas(beta1=0.75, beta2=1.0).betas(3) == (0.75, 1.0)
+
+
+def test_step_switch_at_the_papers_step():
+    schedule = StepSwitch(585, before=(0.0, 1.0), after=(0.5, 1.0))
+    assert schedule.betas(0) == schedule.betas(584) == (0.0, 1.0)
+    assert schedule.betas(585) == schedule.betas(1000) == (0.5, 1.0)
+
+
+def test_linear_ramp():
+    schedule = LinearRamp(100, 200, start=(0.0, 1.0), end=(1.0, 0.5))
+    assert schedule.betas(0) == schedule.betas(100) == (0.0, 1.0)
+    assert schedule.betas(150) == pytest.approx((0.5, 0.75))
+    assert schedule.betas(175) == pytest.approx((0.75, 0.625))
+    assert schedule.betas(200) == schedule.betas(10_000) == (1.0, 0.5)
+
+
+def test_entropy_controller_moves_the_betas_the_right_way():
+    controller = EntropyTargetController(0.3, 0.6, initial=(0.5, 1.0), step_size=0.1)
+    # Too much entropy: raise beta1 (lowers entropy) and lower beta2.
+    assert controller.betas(0, entropy=0.9) == pytest.approx((0.6, 0.9))
+    # Inside the band: unchanged.
+    assert controller.betas(1, entropy=0.45) == pytest.approx((0.6, 0.9))
+    # Too little entropy: lower beta1, raise beta2.
+    assert controller.betas(2, entropy=0.1) == pytest.approx((0.5, 1.0))
+    assert controller.betas(3, entropy=0.1) == pytest.approx((0.4, 1.1))
+    # No measurement: unchanged.
+    assert controller.betas(4) == pytest.approx((0.4, 1.1))
+
+
+def test_entropy_controller_updates_once_per_step():
+    controller = EntropyTargetController(0.3, 0.6, step_size=0.1)
+    first = controller.betas(7, entropy=1.0)
+    assert controller.betas(7, entropy=1.0) == first
+    assert controller.betas(6, entropy=1.0) == first
+    assert controller.betas(8, entropy=1.0) != first
+
+
+def test_entropy_controller_stays_within_bounds():
+    controller = EntropyTargetController(
+        0.3, 0.6, initial=(0.5, 1.0), step_size=0.2, beta1_bounds=(0.0, 1.0), beta2_bounds=(0.8, 1.2)
+    )
+    for step in range(20):
+        beta1, beta2 = controller.betas(step, entropy=5.0)
+        assert 0.0 <= beta1 <= 1.0 and 0.8 <= beta2 <= 1.2
+    assert (beta1, beta2) == pytest.approx((1.0, 0.8))
+    for step in range(20, 40):
+        beta1, beta2 = controller.betas(step, entropy=0.0)
+        assert 0.0 <= beta1 <= 1.0 and 0.8 <= beta2 <= 1.2
+    assert (beta1, beta2) == pytest.approx((0.0, 1.2))
+
+
+def test_entropy_controller_state_round_trip():
+    controller = EntropyTargetController(0.3, 0.6, step_size=0.1)
+    for step in range(3):
+        controller.betas(step, entropy=0.9)
+    state = controller.state_dict()
+    resumed = EntropyTargetController(0.3, 0.6, step_size=0.1)
+    assert resumed.betas(2) != controller.betas(2)
+    resumed.load_state_dict(state)
+    assert resumed.betas(2, entropy=0.9) == controller.betas(2, entropy=0.9)  # step 2 already applied
+    assert resumed.betas(3, entropy=0.1) == controller.betas(3, entropy=0.1)
+    assert resumed.state_dict() == controller.state_dict()
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [ConstantBetas(beta1=0.75), StepSwitch(10), LinearRamp(0, 10)],
+    ids=["constant", "step", "linear"],
+)
+def test_stateless_schedules_round_trip(schedule):
+    state = schedule.state_dict()
+    schedule.load_state_dict(state)
+    assert state["kind"] == schedule.kind
+    assert schedule.betas(5) == type(schedule)(**_fields(schedule)).betas(5)
+
+
+def _fields(schedule):
+    return {name: value for name, value in vars(schedule).items() if not name.startswith("_")}
+
+
+def test_loading_state_of_another_kind_raises():
+    with pytest.raises(ValueError, match="'entropy_target'.*'constant'"):
+        ConstantBetas().load_state_dict(EntropyTargetController(0.1, 0.2).state_dict())
+
+
+def test_factory_builds_every_kind():
+    assert set(BETA_SCHEDULES) == {"constant", "step", "linear", "entropy_target"}
+    assert make_beta_schedule("constant", beta1=0.25).betas(0) == (0.25, 1.0)
+    assert make_beta_schedule("step", switch_step=585, before=[0, 1], after=[0.5, 1]).betas(600) == (0.5, 1.0)
+    assert make_beta_schedule("linear", start_step=0, end_step=4, end=(1.0, 1.0)).betas(2) == pytest.approx((0.5, 1.0))
+    assert make_beta_schedule("entropy_target", low=0.2, high=0.4).betas(0, entropy=0.0) == pytest.approx((0.45, 1.05))
+
+
+@pytest.mark.parametrize(
+    "kind, kwargs, match",
+    [
+        ("cosine", {}, "unknown beta schedule 'cosine'"),
+        ("constant", {"beta3": 1.0}, "bad arguments"),
+        ("step", {}, "bad arguments"),
+        ("constant", {"beta1": -0.1}, "beta1"),
+        ("step", {"switch_step": -1}, "switch_step"),
+        ("step", {"switch_step": 5, "after": (0.5,)}, "after"),
+        ("linear", {"start_step": 10, "end_step": 10}, "end_step"),
+        ("entropy_target", {"low": 0.5, "high": 0.2}, "low < high"),
+        ("entropy_target", {"low": 0.1, "high": 0.2, "step_size": -0.1}, "step_size"),
+        ("entropy_target", {"low": 0.1, "high": 0.2, "initial": (3.0, 1.0)}, "outside its bounds"),
+        ("entropy_target", {"low": 0.1, "high": 0.2, "beta2_bounds": (1.5, 0.5)}, "lower <= upper"),
+    ],
+)
+def test_bad_schedule_arguments_raise(kind, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_beta_schedule(kind, **kwargs)
