@@ -21,6 +21,7 @@ import inspect
 import os
 import tempfile
 import textwrap
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,11 +215,11 @@ class AlgorithmConfig:
     loss: Literal["ce_gppo", "ppo", "grpo", "dapo", "cispo", "gspo"] = "ce_gppo"
     """Policy loss from the registry in megatron_gppo/algorithm/losses.py."""
 
-    eps_low: float = 0.2
-    """Lower clip range: ratios below 1 - eps_low are clipped (CE-GPPO: get the beta1 gradient)."""
+    eps_low: float | None = None
+    """Lower clip range: ratios below 1 - eps_low are clipped (CE-GPPO: they get the beta1 gradient). null: the loss's own default (0.2; gspo 3e-4)."""
 
-    eps_high: float = 0.2
-    """Upper clip range: ratios above 1 + eps_high are clipped (CE-GPPO: get the beta2 gradient). DAPO uses 0.28."""
+    eps_high: float | None = None
+    """Upper clip range: ratios above 1 + eps_high are clipped (CE-GPPO: they get the beta2 gradient). null: the loss's own default (0.2; dapo 0.28; gspo 4e-4)."""
 
     beta1: float = 0.5
     """CE-GPPO gradient scale for clipped negative-advantage, low-ratio tokens. Larger lowers entropy."""
@@ -229,8 +230,8 @@ class AlgorithmConfig:
     beta_schedule: BetaScheduleConfig = field(default_factory=BetaScheduleConfig)
     """How beta1/beta2 change during training."""
 
-    dual_clip_c: float = 0.0
-    """Dual-clip bound c > 1 for negative advantages; 0 disables it."""
+    dual_clip_c: float | None = None
+    """Dual-clip bound c > 1 for negative advantages (ce_gppo, ppo, grpo, dapo); null disables it."""
 
     nll_coef: float = 0.0
     """Coefficient of an NLL (SFT) term on positive-advantage tokens; 0 disables it."""
@@ -250,17 +251,18 @@ class AlgorithmConfig:
     max_refill_rounds: int = 3
     """Upper bound on extra rollout rounds dynamic sampling may spend refilling one batch."""
 
-    tis_cap: float = 0.0
-    """Truncated importance-sampling cap for the train/rollout log-prob mismatch; 0 disables the correction."""
+    tis_cap: float | None = None
+    """Truncated importance-sampling cap for the train/rollout log-prob mismatch; null disables the correction."""
 
     def __post_init__(self) -> None:
         for key in ("eps_low", "eps_high"):
             value = getattr(self, key)
-            _require(0 <= value < 1, key, value, "a number in [0, 1)")
-        for key in ("beta1", "beta2", "nll_coef", "entropy_coef", "tis_cap"):
+            _require(value is None or 0 <= value < 1, key, value, "null or a number in [0, 1)")
+        for key in ("beta1", "beta2", "nll_coef", "entropy_coef"):
             value = getattr(self, key)
             _require(value >= 0, key, value, "a number >= 0")
-        _require(self.dual_clip_c == 0 or self.dual_clip_c > 1, "dual_clip_c", self.dual_clip_c, "0 (off) or a number > 1")
+        _require(self.dual_clip_c is None or self.dual_clip_c > 1, "dual_clip_c", self.dual_clip_c, "null (off) or a number > 1")
+        _require(self.tis_cap is None or self.tis_cap >= 1, "tis_cap", self.tis_cap, "null (off) or a number >= 1")
         _require(self.max_refill_rounds >= 0, "max_refill_rounds", self.max_refill_rounds, "an integer >= 0")
 
 
@@ -462,7 +464,19 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def _optional_of(tp: Any) -> Any:
+    """X for `X | None`, else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0]
+    return None
+
+
 def _describe_type(tp: Any) -> str:
+    inner = _optional_of(tp)
+    if inner is not None:
+        return f"null or {_describe_type(inner)}"
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
@@ -475,6 +489,14 @@ def _describe_type(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML/CLI value to type `tp`, or raise ConfigError naming `key`."""
+    inner = _optional_of(tp)
+    if inner is not None:
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        try:
+            return _coerce(value, inner, key)
+        except ConfigError:
+            raise ConfigError(key, f"got {value!r}, expected {_describe_type(tp)}") from None
     origin = typing.get_origin(tp)
     bad = ConfigError(key, f"got {value!r}, expected {_describe_type(tp)}")
     if origin is Literal:

@@ -26,7 +26,7 @@ def test_help_lists_the_subcommands():
     [
         ({"algorithm": {"betaa1": 0.5}}, [], "unknown key; did you mean 'algorithm.beta1'?"),
         ({"train": {"max_steps": "many"}}, [], "'train.max_steps': got 'many', expected an integer"),
-        ({}, ["algorithm.eps_high=2"], "'algorithm.eps_high': got 2.0, expected a number in [0, 1)"),
+        ({}, ["algorithm.eps_high=2"], "'algorithm.eps_high': got 2.0, expected null or a number in [0, 1)"),
         (None, [], "config file not found"),
     ],
 )

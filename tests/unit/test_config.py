@@ -45,6 +45,8 @@ def test_yaml_then_overrides_take_precedence(tmp_path):
         ("rollout.server_urls=http://a:1,http://b:2", ("rollout", "server_urls"), ["http://a:1", "http://b:2"]),
         ("rollout.server_urls=[http://a:1]", ("rollout", "server_urls"), ["http://a:1"]),
         ("model.hf_path=123", ("model", "hf_path"), "123"),
+        ("algorithm.eps_high=0.28", ("algorithm", "eps_high"), 0.28),
+        ("algorithm.dual_clip_c=3", ("algorithm", "dual_clip_c"), 3.0),
     ],
 )
 def test_override_values_are_coerced_to_the_field_type(override, attribute, expected):
@@ -54,6 +56,13 @@ def test_override_values_are_coerced_to_the_field_type(override, attribute, expe
     assert value == expected and type(value) is type(expected)
 
 
+def test_optional_values_accept_null():
+    config = load_config(None, ["algorithm.eps_high=0.3", "algorithm.tis_cap=2"])
+    assert config.algorithm.eps_high == 0.3 and config.algorithm.tis_cap == 2.0
+    config = load_config(None, ["algorithm.eps_high=null", "algorithm.tis_cap=None"])
+    assert config.algorithm.eps_high is None and config.algorithm.tis_cap is None
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -61,10 +70,11 @@ def test_override_values_are_coerced_to_the_field_type(override, attribute, expe
         ("algoritm.beta1=1", "config key 'algoritm': unknown key; did you mean 'algorithm'?"),
         ("train.max_steps=ten", "config key 'train.max_steps': got 'ten', expected an integer"),
         ("train.max_steps=1.5", "config key 'train.max_steps': got 1.5, expected an integer"),
-        ("algorithm.eps_low=1.5", "config key 'algorithm.eps_low': got 1.5, expected a number in [0, 1)"),
+        ("algorithm.eps_low=1.5", "config key 'algorithm.eps_low': got 1.5, expected null or a number in [0, 1)"),
         ("algorithm.beta2=-1", "config key 'algorithm.beta2': got -1.0, expected a number >= 0"),
         ("checkpoint.resume=maybe", "config key 'checkpoint.resume': got 'maybe', expected true or false"),
-        ("algorithm.dual_clip_c=0.5", "config key 'algorithm.dual_clip_c': got 0.5, expected 0 (off) or a number > 1"),
+        ("algorithm.dual_clip_c=0.5", "config key 'algorithm.dual_clip_c': got 0.5, expected null (off) or a number > 1"),
+        ("algorithm.tis_cap=abc", "config key 'algorithm.tis_cap': got 'abc', expected null or a number"),
         ("parallel.tensor_parallel=0", "config key 'parallel.tensor_parallel': got 0, expected an integer >= 1"),
         ("algorithm.beta_schedule.kind=linear",
          "config key 'algorithm.beta_schedule.ramp_steps': got 0, expected an integer >= 1 for kind=linear"),
