@@ -1,0 +1,116 @@
+"""The one interface the trainer uses to talk to rollout engines.
+
+A rollout engine turns prompts (token ids) into `Sample`s and takes new
+weights after every step. `SGLangEngine` (sglang_engine.py) implements it
+over HTTP for real SGLang servers and for our own `megatron-gppo serve`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
+
+from megatron_gppo.types import Sample
+
+if TYPE_CHECKING:
+    import torch
+
+    from megatron_gppo.config import RolloutConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """Per-request sampling settings, named as SGLang's `sampling_params`.
+
+    Log-probs returned with each token are of softmax(logits / temperature)
+    over the whole vocabulary, before top-k / top-p filtering: that is what
+    SGLang returns by default, and what the trainer recomputes.
+    """
+
+    temperature: float = 1.0
+    """0 means greedy (SGLang then scores with temperature 1)."""
+
+    top_p: float = 1.0
+    top_k: int = -1
+    """-1 disables top-k."""
+
+    max_new_tokens: int = 1024
+    stop: tuple[str, ...] = ()
+    """Stop strings; the response text is cut before them, the tokens are kept."""
+
+    stop_token_ids: tuple[int, ...] = ()
+    """Extra stop tokens on top of the model's EOS."""
+
+    ignore_eos: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Other SGLang sampling params passed through verbatim (e.g. `min_p`)."""
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (self.top_k == -1 or self.top_k >= 1):
+            raise ValueError(f"top_k must be -1 or >= 1, got {self.top_k}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+
+    @classmethod
+    def from_config(cls, config: RolloutConfig, **overrides: Any) -> SamplingParams:
+        values = dict(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+                      max_new_tokens=config.max_new_tokens)
+        return cls(**{**values, **overrides})
+
+    def to_sglang(self) -> dict[str, Any]:
+        """The `sampling_params` object of a `/generate` request (without `n`)."""
+        params: dict[str, Any] = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                                      max_new_tokens=self.max_new_tokens)
+        if self.stop:
+            params["stop"] = list(self.stop)
+        if self.stop_token_ids:
+            params["stop_token_ids"] = list(self.stop_token_ids)
+        if self.ignore_eos:
+            params["ignore_eos"] = True
+        return {**params, **self.extra}
+
+
+class RolloutEngine(Protocol):
+    """What the trainer needs from a fleet of rollout servers."""
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, sampling: SamplingParams, n: int = 1) -> list[list[Sample]]:
+        """`n` samples for each prompt: `result[i][j]` is sample `j` of prompt `i`, each exactly once."""
+        ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version: str) -> None:
+        """Stream Hugging Face-named tensors to every server; afterwards all report `version`."""
+        ...
+
+    def weight_versions(self) -> dict[str, str]:
+        """Server URL -> the weight version it reports."""
+        ...
+
+    def health(self) -> dict[str, bool]:
+        """Server URL -> whether it answers `/health`."""
+        ...
+
+    def pause(self) -> None:
+        """Stop generating (in-flight requests are aborted and return what they have)."""
+        ...
+
+    def resume(self) -> None:
+        """Continue generating after `pause`."""
+        ...
+
+    def release_memory(self) -> None:
+        """Free accelerator memory (colocated runs) until `resume_memory`."""
+        ...
+
+    def resume_memory(self) -> None:
+        ...
+
+    def close(self) -> None:
+        """Release connections (and stop servers this engine started)."""
+        ...
+
+
+__all__ = ["RolloutEngine", "SamplingParams"]

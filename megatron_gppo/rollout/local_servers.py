@@ -1,0 +1,103 @@
+"""`megatron-gppo serve` processes on this machine, for the `local` backend and the tests.
+
+Each server binds 127.0.0.1 on a port it picks itself (`--port 0`) and
+prints its URL on a ready line, which is read back from its log file, so
+there is no race for free ports. Servers are stopped by pid: SIGTERM, then
+SIGKILL if they do not exit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+_READY = re.compile(r"ready at (http://\S+)")
+
+
+class LocalServers:
+    """Start `num_servers` servers on `model_path`; use as a context manager or call `stop()`."""
+
+    def __init__(self, *, model_path: str | Path, num_servers: int = 1, api_key: str = "", dtype: str = "float32",
+                 num_threads: int = 0, extra_args: Sequence[str] = (), log_dir: str | Path | None = None,
+                 startup_timeout_s: float = 300.0) -> None:
+        if num_servers < 1:
+            raise ValueError(f"num_servers must be >= 1, got {num_servers}")
+        self.model_path = str(model_path)
+        self.num_servers = num_servers
+        self.api_key = api_key
+        self.dtype = dtype
+        self.num_threads = num_threads
+        self.extra_args = list(extra_args)
+        self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="megatron-gppo-serve-"))
+        self.startup_timeout_s = startup_timeout_s
+        self.processes: list[subprocess.Popen] = []
+        self.urls: list[str] = []
+        self.log_paths: list[Path] = []
+
+    def __enter__(self) -> LocalServers:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> list[str]:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            for i in range(self.num_servers):
+                log_path = self.log_dir / f"server-{i}.log"
+                command = [sys.executable, "-m", "megatron_gppo.cli", "serve", "--model-path", self.model_path,
+                           "--host", "127.0.0.1", "--port", "0", "--dtype", self.dtype,
+                           "--num-threads", str(self.num_threads), "--random-seed", str(i), *self.extra_args]
+                if self.api_key:
+                    command += ["--api-key", self.api_key]
+                with open(log_path, "w") as log:
+                    self.processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                           stdin=subprocess.DEVNULL))
+                self.log_paths.append(log_path)
+            self.urls = [self._wait_ready(i) for i in range(self.num_servers)]
+        except BaseException:
+            self.stop()
+            raise
+        return self.urls
+
+    def _wait_ready(self, index: int) -> str:
+        deadline = time.monotonic() + self.startup_timeout_s
+        process, log_path = self.processes[index], self.log_paths[index]
+        while time.monotonic() < deadline:
+            match = _READY.search(log_path.read_text(errors="replace"))
+            if match:
+                return match.group(1)
+            if process.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"rollout server {index} exited with code {process.returncode}:\n{tail}")
+            time.sleep(0.1)
+        raise TimeoutError(f"rollout server {index} not ready after {self.startup_timeout_s:.0f}s (log: {log_path})")
+
+    def kill(self, index: int) -> None:
+        """SIGKILL one server (to test failover)."""
+        process = self.processes[index]
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+
+    def stop(self, *, timeout_s: float = 15.0) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for process in self.processes:
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+__all__ = ["LocalServers"]

@@ -1,0 +1,512 @@
+"""`megatron-gppo serve`: an SGLang-protocol HTTP server on CPU, backed by `transformers`.
+
+It speaks the subset of SGLang's native API that RL trainers and the
+sglang-router use (see /work/shared/notes/sglang-protocol.md), so one client
+drives it and real SGLang servers alike. Endpoints, with SGLang's names:
+
+  /generate (POST, PUT)                          /health, /health_generate
+  /get_model_info, /model_info                   /get_server_info, /server_info
+  /flush_cache, /abort_request                   /pause_generation, /continue_generation
+  /release_memory_occupation, /resume_memory_occupation
+  /update_weights_from_disk, /update_weights_from_tensor, /update_weight_version
+  /init_weights_update_group, /update_weights_from_distributed, /destroy_weights_update_group
+  /get_weight_version
+
+Errors are JSON: 400 `{"error": {"message": ...}}` for bad input (control
+endpoints add `"success": false, "message": ...`), 401 `{"error":
+"Unauthorized"}` without the API key (`/health*` stays open, as in SGLang).
+Memory release/resume are no-ops here (there is no accelerator memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import queue
+import signal
+import threading
+import time
+from concurrent.futures import Executor, Future
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from aiohttp import web
+
+from megatron_gppo.rollout.protocol import ParseContext, SequenceResult, build_response, parse_generate
+
+logger = logging.getLogger(__name__)
+
+SERVER_VERSION = "megatron-gppo-cpu-0.1"
+HEALTH_GENERATE_TIMEOUT_S = 20.0
+
+
+@dataclass(kw_only=True)
+class ServerArgs:
+    model_path: str
+    host: str = "127.0.0.1"
+    port: int = 30000
+    """0 picks a free port (the ready line says which)."""
+    api_key: str = ""
+    dtype: str = "float32"
+    max_running_requests: int = 128
+    max_prefill_tokens: int = 16384
+    random_seed: int = 0
+    num_threads: int = 0
+    """torch intra-op threads; 0 keeps torch's default."""
+    context_length: int = 0
+    """0 takes max_position_embeddings from the model config."""
+    weight_version: str = "default"
+
+
+class _BadRequest(Exception):
+    pass
+
+
+class _SerialDaemonExecutor(Executor):
+    """One daemon thread, jobs in order: weight ops may block in a collective, and must not block exit."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.Queue = queue.Queue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args, kwargs))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, fn, args, kwargs = self._jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as err:
+                future.set_exception(err)
+
+
+def _error(status: int, message: str, *, control: bool = False) -> web.Response:
+    body: dict[str, Any] = {"error": {"message": message}}
+    if control:
+        body.update(success=False, message=message)
+    return web.json_response(body, status=status)
+
+
+async def _read_json(request: web.Request, *, allow_empty: bool) -> dict[str, Any]:
+    text = await request.text()
+    if not text.strip():
+        if allow_empty:
+            return {}
+        raise _BadRequest("the request body is empty; expected a JSON object")
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise _BadRequest(f"malformed JSON: {err}") from None
+    if not isinstance(body, dict):
+        raise _BadRequest("the request body must be a JSON object")
+    return body
+
+
+def _field(body: dict, name: str, kind: type | tuple[type, ...], default: Any = ..., *, required: bool = False) -> Any:
+    if name not in body or body[name] is None:
+        if required:
+            raise _BadRequest(f"missing required field '{name}'")
+        return default
+    value = body[name]
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise _BadRequest(f"'{name}' has the wrong type: {value!r}")
+    if not isinstance(value, kind):
+        raise _BadRequest(f"'{name}' has the wrong type: {value!r}")
+    return value
+
+
+class RolloutServer:
+    """Loads the model, owns the generation worker, and serves the HTTP API."""
+
+    def __init__(self, args: ServerArgs) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from megatron_gppo.rollout.generator import Generator
+        from megatron_gppo.rollout.process_group import dtype_from_name
+        from megatron_gppo.rollout.worker import GenerationWorker
+
+        model_dir = Path(args.model_path)
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"model path not found: {model_dir}")
+        if args.num_threads > 0:
+            torch.set_num_threads(args.num_threads)
+        self.args = args
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype_from_name(args.dtype))
+        model.eval().requires_grad_(False)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except (OSError, ValueError) as err:
+            logger.warning("no tokenizer in %s (%s): only input_ids requests will work", model_dir, err)
+            tokenizer = None
+        context_length = args.context_length or int(model.config.max_position_embeddings)
+        self.generator = Generator(model=model, tokenizer=tokenizer, context_length=context_length,
+                                   max_running=args.max_running_requests, max_prefill_tokens=args.max_prefill_tokens,
+                                   seed=args.random_seed, weight_version=args.weight_version)
+        self.parse_ctx = ParseContext(vocab_size=self.generator.vocab_size, context_length=context_length,
+                                      tokenizer=tokenizer)
+        self.worker = GenerationWorker(self.generator)
+        self.weights = _SerialDaemonExecutor("weight-updates")
+        self.groups: dict[str, Any] = {}
+        self.memory_released = False
+        self.url = ""
+
+    # -- plumbing --------------------------------------------------------------
+
+    def build_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth, self._errors], client_max_size=256 * 1024 ** 2)
+        routes = [
+            ("*", "/generate", self.generate),
+            ("GET", "/health", self.health), ("GET", "/health_generate", self.health_generate),
+            ("GET", "/get_model_info", self.model_info), ("GET", "/model_info", self.model_info),
+            ("GET", "/get_server_info", self.server_info), ("GET", "/server_info", self.server_info),
+            ("*", "/flush_cache", self.flush_cache),
+            ("POST", "/abort_request", self.abort_request),
+            ("POST", "/pause_generation", self.pause_generation),
+            ("POST", "/continue_generation", self.continue_generation),
+            ("*", "/release_memory_occupation", self.release_memory),
+            ("*", "/resume_memory_occupation", self.resume_memory),
+            ("GET", "/get_weight_version", self.get_weight_version),
+            ("POST", "/update_weight_version", self.update_weight_version),
+            ("POST", "/update_weights_from_disk", self.update_weights_from_disk),
+            ("POST", "/update_weights_from_tensor", self.update_weights_from_tensor),
+            ("POST", "/init_weights_update_group", self.init_weights_update_group),
+            ("POST", "/update_weights_from_distributed", self.update_weights_from_distributed),
+            ("POST", "/destroy_weights_update_group", self.destroy_weights_update_group),
+        ]
+        for method, path, handler in routes:
+            app.router.add_route(method, path, handler)
+        return app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        key = self.args.api_key
+        if key and request.method != "OPTIONS" and not request.path.startswith(("/health", "/metrics")):
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                return web.json_response({"error": "Unauthorized"}, status=401)
+        return await handler(request)
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        control = request.path != "/generate"
+        try:
+            return await handler(request)
+        except _BadRequest as err:
+            return _error(400, str(err), control=control)
+        except web.HTTPException:
+            raise
+        except Exception as err:  # answer, log, keep serving
+            logger.exception("%s %s failed", request.method, request.path)
+            return _error(500, f"internal error: {err}", control=control)
+
+    async def _on_worker(self, fn: Callable) -> Any:
+        return await asyncio.wrap_future(self.worker.call(fn))
+
+    async def _on_weights_thread(self, fn: Callable, *args: Any) -> Any:
+        return await asyncio.wrap_future(self.weights.submit(fn, *args))
+
+    # -- generation ------------------------------------------------------------
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        body = await _read_json(request, allow_empty=False)
+        try:
+            parsed = parse_generate(body, self.parse_ctx)
+        except ValueError as err:
+            return _error(400, str(err))
+        loop = asyncio.get_running_loop()
+        futures = []
+        for seq in parsed.sequences:
+            future = loop.create_future()
+            self.worker.submit(seq, _resolver(loop, future))
+            futures.append(future)
+        try:
+            results = await asyncio.gather(*futures)
+        except asyncio.CancelledError:  # the client went away: stop generating for it
+            rids = {seq.rid for seq in parsed.sequences}
+            self.worker.call(lambda g: g.abort(rids=rids))
+            raise
+        tokenizer = self.parse_ctx.tokenizer
+        token_text = (lambda t: tokenizer.decode([t])) if tokenizer is not None else None
+        outputs = [build_response(seq, result, token_text=token_text) for seq, result in zip(parsed.sequences, results)]
+        answer: Any = outputs if parsed.returns_list else outputs[0]
+        if not parsed.stream:
+            return web.json_response(answer)
+        # Streaming clients get the finished output as one event.
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for output in outputs:
+            await response.write(b"data: " + json.dumps(output).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.worker.alive else 503)
+
+    async def health_generate(self, request: web.Request) -> web.Response:
+        parsed = parse_generate({"input_ids": [0], "sampling_params": {"max_new_tokens": 1, "temperature": 0},
+                                 "rid": f"HEALTH_CHECK_{time.time()}"}, self.parse_ctx)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.worker.submit(parsed.sequences[0], _resolver(loop, future))
+        try:
+            await asyncio.wait_for(future, HEALTH_GENERATE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return web.Response(status=503)
+        return web.Response(status=200)
+
+    # -- information -----------------------------------------------------------
+
+    async def model_info(self, request: web.Request) -> web.Response:
+        config = self.generator.model.config
+        return web.json_response({
+            "model_path": self.args.model_path, "tokenizer_path": self.args.model_path, "is_generation": True,
+            "preferred_sampling_params": None, "weight_version": self.generator.weight_version,
+            "model_type": getattr(config, "model_type", None), "architectures": getattr(config, "architectures", None),
+        })
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        info = {k: v for k, v in asdict(self.args).items() if k != "api_key"}
+        info.update(
+            port=int(self.url.rsplit(":", 1)[1]) if self.url else self.args.port, tp_size=1, dp_size=1, pp_size=1, context_length=self.parse_ctx.context_length,
+            weight_version=self.generator.weight_version, version=SERVER_VERSION, url=self.url,
+            internal_states=[{
+                "num_running_reqs": self.generator.num_running, "num_waiting_reqs": self.generator.num_waiting,
+                "num_generated_tokens": self.generator.num_generated_tokens, "paused": self.worker.paused,
+                "memory_released": self.memory_released,
+            }],
+        )
+        return web.json_response(info)
+
+    async def get_weight_version(self, request: web.Request) -> web.Response:
+        return web.json_response({"weight_version": self.generator.weight_version})
+
+    # -- control ---------------------------------------------------------------
+
+    async def flush_cache(self, request: web.Request) -> web.Response:
+        # No prefix cache to flush; SGLang answers this endpoint with text.
+        return web.Response(text="Cache flushed.\n")
+
+    async def abort_request(self, request: web.Request) -> web.Response:
+        body = await _read_json(request, allow_empty=False)
+        rid = _field(body, "rid", str, "")
+        abort_all = _field(body, "abort_all", bool, False)
+        await self._on_worker(lambda g: g.abort(rid_prefix=rid, abort_all=abort_all))
+        return web.Response(status=200)
+
+    async def pause_generation(self, request: web.Request) -> web.Response:
+        body = await _read_json(request, allow_empty=True)
+        mode = _field(body, "mode", str, "abort")
+        if mode not in ("abort", "retract", "in_place"):
+            raise _BadRequest(f"mode must be 'abort', 'retract' or 'in_place', got {mode!r}")
+        if mode == "abort":
+            await self._on_worker(lambda g: g.abort(abort_all=True))
+        await asyncio.wrap_future(self.worker.set_paused(True))
+        return web.json_response({"message": "Generation paused successfully.", "status": "ok", "success": True})
+
+    async def continue_generation(self, request: web.Request) -> web.Response:
+        await _read_json(request, allow_empty=True)
+        await asyncio.wrap_future(self.worker.set_paused(False))
+        return web.json_response({"message": "Generation continued successfully.", "status": "ok", "success": True})
+
+    async def release_memory(self, request: web.Request) -> web.Response:
+        body = await _read_json(request, allow_empty=True)
+        _field(body, "tags", list, None)
+        self.memory_released = True
+        return web.json_response({"success": True, "message": "no accelerator memory to release on the CPU server"})
+
+    async def resume_memory(self, request: web.Request) -> web.Response:
+        body = await _read_json(request, allow_empty=True)
+        _field(body, "tags", list, None)
+        self.memory_released = False
+        return web.json_response({"success": True, "message": "memory resumed"})
+
+    # -- weights ---------------------------------------------------------------
+
+    async def _load(self, named: list, version: str | None, abort_all: bool) -> int:
+        from megatron_gppo.rollout.weight_loader import load_named_tensors
+
+        def apply(g: Any) -> int:
+            if abort_all:
+                g.abort(abort_all=True)
+            count = load_named_tensors(g.model, named)
+            if version is not None:
+                g.weight_version = version
+            return count
+        return await self._on_worker(apply)
+
+    def _weights_answer(self, count: int, version: str | None, **extra: Any) -> web.Response:
+        message = f"Updated {count} tensors."
+        if version is not None:
+            message += f" Weight version updated to {version}."
+        return web.json_response({"success": True, "message": message, **extra})
+
+    async def _weights_op(self, fn: Callable[[], Any]) -> Any:
+        """Run a weight op; its ValueErrors are the caller's mistakes (400), RuntimeErrors are comms failures."""
+        try:
+            return await fn()
+        except (ValueError, RuntimeError, OSError) as err:
+            raise _BadRequest(str(err)) from None
+
+    async def update_weights_from_disk(self, request: web.Request) -> web.Response:
+        from megatron_gppo.rollout.weight_loader import read_safetensors_dir
+
+        body = await _read_json(request, allow_empty=False)
+        model_path = _field(body, "model_path", str, required=True)
+        load_format = _field(body, "load_format", str, None)
+        if load_format not in (None, "auto", "safetensors"):
+            raise _BadRequest(f"load_format {load_format!r} is not supported (safetensors only)")
+        version = _field(body, "weight_version", str, None)
+        abort_all = _field(body, "abort_all_requests", bool, False)
+
+        async def op() -> int:
+            named = await self._on_weights_thread(read_safetensors_dir, model_path)
+            return await self._load(named, version, abort_all)
+        count = await self._weights_op(op)
+        return self._weights_answer(count, version, num_paused_requests=0)
+
+    async def update_weights_from_tensor(self, request: web.Request) -> web.Response:
+        from megatron_gppo.rollout.weight_loader import deserialize_named_tensors
+
+        body = await _read_json(request, allow_empty=False)
+        payloads = _field(body, "serialized_named_tensors", list, required=True)
+        load_format = _field(body, "load_format", str, None)
+        if load_format not in (None, "direct"):
+            raise _BadRequest(f"load_format {load_format!r} is not supported; send a list of (name, tensor)")
+        if not payloads or not isinstance(payloads[0], str):
+            raise _BadRequest("serialized_named_tensors must be a non-empty list of base64 strings")
+        version = _field(body, "weight_version", str, None)
+        abort_all = _field(body, "abort_all_requests", bool, False)
+
+        async def op() -> int:
+            # One entry per tensor-parallel rank; this server is rank 0 of 1.
+            named = await self._on_weights_thread(deserialize_named_tensors, payloads[0])
+            return await self._load(named, version, abort_all)
+        count = await self._weights_op(op)
+        return self._weights_answer(count, version)
+
+    async def update_weight_version(self, request: web.Request) -> web.Response:
+        body = await _read_json(request, allow_empty=False)
+        version = _field(body, "new_version", str, required=True)
+        abort_all = _field(body, "abort_all_requests", bool, True)
+
+        def apply(g: Any) -> None:
+            if abort_all:
+                g.abort(abort_all=True)
+            g.weight_version = version
+        await self._on_worker(apply)
+        return web.json_response({"success": True, "message": f"Weight version updated to {version}",
+                                  "new_version": version})
+
+    async def init_weights_update_group(self, request: web.Request) -> web.Response:
+        from megatron_gppo.rollout.process_group import init_weight_update_group
+
+        body = await _read_json(request, allow_empty=False)
+        address = _field(body, "master_address", str, required=True)
+        port = _field(body, "master_port", int, required=True)
+        rank_offset = _field(body, "rank_offset", int, required=True)
+        world_size = _field(body, "world_size", int, required=True)
+        group_name = _field(body, "group_name", str, "weight_update_group")
+        backend = _field(body, "backend", str, "nccl")
+        if backend != "gloo":
+            raise _BadRequest(f"backend {backend!r} is not available on the CPU server; use 'gloo'")
+        if group_name in self.groups:
+            raise _BadRequest(f"weight update group {group_name!r} already exists; destroy it first")
+
+        async def op() -> Any:
+            return await self._on_weights_thread(lambda: init_weight_update_group(
+                master_address=address, master_port=port, rank=rank_offset, world_size=world_size,
+                group_name=group_name, backend=backend))
+        self.groups[group_name] = await self._weights_op(op)
+        return web.json_response({"success": True, "message": f"Joined {group_name!r} as rank {rank_offset}."})
+
+    async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
+        from megatron_gppo.rollout.weight_loader import receive_bucket
+
+        body = await _read_json(request, allow_empty=False)
+        if "names" not in body and "name" in body:  # older SGLang sent one tensor per call
+            body = {**body, "names": [body["name"]], "dtypes": [body.get("dtype")], "shapes": [body.get("shape")]}
+        names = _field(body, "names", list, required=True)
+        dtypes = _field(body, "dtypes", list, required=True)
+        shapes = _field(body, "shapes", list, required=True)
+        group_name = _field(body, "group_name", str, "weight_update_group")
+        version = _field(body, "weight_version", str, None)
+        abort_all = _field(body, "abort_all_requests", bool, False)
+        group = self.groups.get(group_name)
+        if group is None:
+            raise _BadRequest(f"no weight update group {group_name!r}; call /init_weights_update_group first")
+
+        async def op() -> int:
+            named = await self._on_weights_thread(
+                lambda: receive_bucket(names=names, dtypes=dtypes, shapes=shapes, group=group))
+            return await self._load(named, version, abort_all)
+        count = await self._weights_op(op)
+        return self._weights_answer(count, version)
+
+    async def destroy_weights_update_group(self, request: web.Request) -> web.Response:
+        from megatron_gppo.rollout.process_group import destroy_weight_update_group
+
+        body = await _read_json(request, allow_empty=True)
+        group_name = _field(body, "group_name", str, "weight_update_group")
+        group = self.groups.pop(group_name, None)
+        if group is None:
+            raise _BadRequest(f"no weight update group {group_name!r}")
+        await self._on_weights_thread(destroy_weight_update_group, group)
+        return web.json_response({"success": True, "message": f"Destroyed {group_name!r}."})
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Serve until SIGTERM or SIGINT, then abort in-flight requests and close."""
+        self.worker.start()
+        runner = web.AppRunner(self.build_app(), handle_signals=False, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.args.host, self.args.port)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # the real port when --port 0
+        host = self.args.host if ":" not in self.args.host else f"[{self.args.host}]"
+        self.url = f"http://{host}:{port}"
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"megatron-gppo serve: ready at {self.url} (model {self.args.model_path}, "
+              f"weight version {self.generator.weight_version})", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            logger.info("shutting down")
+            self.worker.stop()
+            await runner.cleanup()
+
+
+def _resolver(loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> Callable[[SequenceResult], None]:
+    """A callback for the worker thread that completes `future` on the event loop."""
+    def set_result(result: SequenceResult) -> None:
+        if not future.done():
+            future.set_result(result)
+
+    def on_done(result: SequenceResult) -> None:
+        try:
+            loop.call_soon_threadsafe(set_result, result)
+        except RuntimeError:  # the loop closed during shutdown; nobody is waiting
+            pass
+    return on_done
+
+
+def run_server(args: ServerArgs) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = RolloutServer(args)
+    asyncio.run(server.serve())
+
+
+__all__ = ["RolloutServer", "ServerArgs", "run_server"]

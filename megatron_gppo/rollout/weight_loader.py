@@ -1,0 +1,100 @@
+"""Server side of weight updates: receive or read Hugging Face-named tensors, load them into the model."""
+
+from __future__ import annotations
+
+import base64
+import io
+import pickle
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from megatron_gppo.rollout.process_group import dtype_from_name
+
+# Checkpoint entries that are not parameters of a transformers model (SGLang skips them too).
+_SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def load_named_tensors(model: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+    """Copy tensors into the model's parameters/buffers by name, casting dtype; returns how many.
+
+    Every name and shape is checked before anything is written, so a bad
+    update leaves the model unchanged. Tied weights share one tensor, so
+    updating either name updates both.
+    """
+    targets = dict(model.named_parameters(remove_duplicate=False))
+    targets.update(dict(model.named_buffers(remove_duplicate=False)))
+    pending = []
+    for name, tensor in named_tensors:
+        if name.endswith(_SKIPPED_SUFFIXES):
+            continue
+        target = targets.get(name)
+        if target is None:
+            raise ValueError(f"the model has no parameter named {name!r}")
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match the model's {tuple(target.shape)}")
+        pending.append((target, tensor))
+    with torch.no_grad():
+        for target, tensor in pending:
+            target.copy_(tensor)
+    return len(pending)
+
+
+def read_safetensors_dir(path: str | Path) -> list[tuple[str, torch.Tensor]]:
+    """All tensors of the `*.safetensors` files in a Hugging Face model directory."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"model_path {str(path)!r} is not a directory")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {path}")
+    named: list[tuple[str, torch.Tensor]] = []
+    for file in files:
+        named.extend(load_file(str(file)).items())
+    return named
+
+
+def receive_bucket(*, names: list[str], dtypes: list[str], shapes: list[list[int]], group: Any
+                   ) -> list[tuple[str, torch.Tensor]]:
+    """Receive one bucket broadcast by the trainer (rank 0), tensor by tensor in the given order."""
+    from megatron_gppo.rollout.process_group import broadcast_from_trainer
+
+    if not (len(names) == len(dtypes) == len(shapes)):
+        raise ValueError(f"names, dtypes and shapes differ in length: {len(names)}, {len(dtypes)}, {len(shapes)}")
+    tensors = [torch.empty([int(d) for d in shape], dtype=dtype_from_name(dtype)) for dtype, shape in zip(dtypes, shapes)]
+    broadcast_from_trainer(tensors, group=group)
+    return list(zip(names, tensors))
+
+
+class _TensorUnpickler(pickle.Unpickler):
+    """Only torch's tensor/storage rebuild functions: the payload arrives over HTTP."""
+
+    _ALLOWED_BUILTINS = {"tuple", "list", "dict", "int", "float", "str", "bool", "slice", "getattr"}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "builtins" and name in self._ALLOWED_BUILTINS:
+            return super().find_class(module, name)
+        if module == "torch" or module.startswith("torch.") or module == "collections":
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from a weight payload")
+
+
+def deserialize_named_tensors(payload: str | bytes) -> list[tuple[str, torch.Tensor]]:
+    """One entry of SGLang's `serialized_named_tensors`: base64 of a ForkingPickler dump of [(name, tensor)].
+
+    CUDA tensors arrive as IPC handles (the sender must be on the same GPU
+    and keep them alive until the answer); they are copied to the CPU here.
+    """
+    import torch.multiprocessing  # noqa: F401  registers torch's rebuild functions
+
+    data = base64.b64decode(payload, validate=True) if isinstance(payload, str) else payload
+    named = _TensorUnpickler(io.BytesIO(data)).load()
+    if not isinstance(named, list) or not all(isinstance(item, (tuple, list)) and len(item) == 2 for item in named):
+        raise ValueError("serialized_named_tensors must hold a list of (name, tensor) pairs")
+    return [(str(name), tensor.detach().to("cpu", copy=True)) for name, tensor in named]
+
+
+__all__ = ["deserialize_named_tensors", "load_named_tensors", "read_safetensors_dir", "receive_bucket"]

@@ -1,0 +1,366 @@
+"""Trainer side of weight sync: stream Hugging Face-named tensors to every rollout server.
+
+Three ways, all SGLang's protocol, all taking an iterator of `(hf_name, tensor)`
+(the Megatron -> HF conversion happens before) and a weight version string
+that every server reports afterwards (`/get_weight_version`, and
+`meta_info.weight_version` of every later generation):
+
+- `DistributedWeightSync`: the trainer (rank 0) and every server join a
+  process group (`/init_weights_update_group`); per bucket the trainer posts
+  `/update_weights_from_distributed` (names, dtypes, shapes) and, while the
+  servers wait in the collective, broadcasts the bucket's tensors in order.
+  gloo on CPU, NCCL on GPU. Call it on the one process that holds the full
+  tensors.
+- `DiskWeightSync`: an atomic safetensors dump (temporary directory, then
+  rename) that the servers load with `/update_weights_from_disk`; the path
+  must be visible to them.
+- `TensorWeightSync`: colocated GPU only: CUDA IPC handles of each bucket go
+  through `/update_weights_from_tensor`; nothing is copied over the wire.
+
+The weight version is sent with the last bucket only, so it changes when the
+whole update has landed.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Protocol, TypeVar
+
+import torch
+
+from megatron_gppo.rollout.client import RolloutError, SGLangClient, wait_each
+from megatron_gppo.rollout.process_group import (broadcast_from_trainer, destroy_weight_update_group, dtype_name,
+                                                 init_weight_update_group)
+
+T = TypeVar("T")
+
+NamedTensors = Iterable[tuple[str, torch.Tensor]]
+MiB = 1024 ** 2
+
+
+@dataclass
+class SyncStats:
+    num_tensors: int = 0
+    num_bytes: int = 0
+    num_buckets: int = 0
+    seconds: float = 0.0
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.num_bytes / self.seconds if self.seconds > 0 else 0.0
+
+
+class WeightSync(Protocol):
+    def sync(self, named_tensors: NamedTensors, *, version: str) -> SyncStats:
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+def iter_buckets(named_tensors: NamedTensors, *, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group tensors in order into buckets of at most `bucket_bytes` (a larger tensor gets a bucket alone)."""
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def _with_last(items: Iterator[list]) -> Iterator[tuple[list, bool]]:
+    """Yield (item, is_last), reading one item ahead."""
+    previous = next(items, None)
+    while previous is not None:
+        current = next(items, None)
+        yield previous, current is None
+        previous = current
+
+
+def _bucket_bytes(bucket: list[tuple[str, torch.Tensor]]) -> int:
+    return sum(t.numel() * t.element_size() for _, t in bucket)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _beside_servers(collective: Callable[[], T], futures: dict[str, Future]) -> T:
+    """Run our side of a collective while the servers' HTTP calls (their side) are in flight.
+
+    Fails as soon as a server answers with an error instead of waiting in a
+    collective that can no longer complete; the collective then stays blocked
+    on a daemon thread until the group's timeout.
+    """
+    local: Future = Future()
+
+    def run() -> None:
+        try:
+            local.set_result(collective())
+        except BaseException as err:
+            local.set_exception(err)
+    threading.Thread(target=run, name="weight-sync-collective", daemon=True).start()
+    wait([local, *futures.values()], return_when=FIRST_EXCEPTION)
+    failed = {url: f for url, f in futures.items() if f.done() and f.exception() is not None}
+    if failed:
+        raise RolloutError("; ".join(str(f.exception()) for f in failed.values()))
+    result = local.result()
+    wait_each(futures)
+    return result
+
+
+class DistributedWeightSync:
+    """Bucketed broadcast over a process group shared with every server."""
+
+    def __init__(self, *, client: SGLangClient, bucket_bytes: int = 512 * MiB, backend: str = "gloo",
+                 master_address: str = "127.0.0.1", master_port: int = 0, group_name: str = "weight_update_group",
+                 timeout_s: float = 600.0) -> None:
+        if bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+        self.client = client
+        self.bucket_bytes = bucket_bytes
+        self.backend = backend
+        self.master_address = master_address
+        self.master_port = master_port
+        self.group_name = group_name
+        self.timeout_s = timeout_s
+        self.group = None
+
+    def connect(self) -> None:
+        """Create the group: this process is rank 0, server `i`'s TP workers follow at its rank offset."""
+        tp_sizes = {url: int(info.get("tp_size", 1)) for url, info in self.client.server_info().items()}
+        offsets, world_size = {}, 1
+        for url in self.client.server_urls:
+            offsets[url] = world_size
+            world_size += tp_sizes[url]
+        port = self.master_port or free_port(self.master_address)
+        base = dict(master_address=self.master_address, master_port=port, world_size=world_size,
+                    group_name=self.group_name, backend=self.backend)
+        # The servers' answers come only once everyone, us included, has joined.
+        futures = self.client.request_each("/init_weights_update_group", per_url={
+            url: {**base, "rank_offset": offsets[url]} for url in self.client.server_urls})
+        self.group = _beside_servers(lambda: init_weight_update_group(rank=0, timeout_s=self.timeout_s, **base),
+                                     futures)
+
+    def sync(self, named_tensors: NamedTensors, *, version: str) -> SyncStats:
+        if self.group is None:
+            self.connect()
+        stats = SyncStats()
+        start = time.perf_counter()
+        device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        for bucket, is_last in _with_last(iter_buckets(named_tensors, bucket_bytes=self.bucket_bytes)):
+            tensors = [t.detach().to(device).contiguous() for _, t in bucket]
+            payload = {
+                "names": [name for name, _ in bucket],
+                "dtypes": [dtype_name(t.dtype) for t in tensors],
+                "shapes": [list(t.shape) for t in tensors],
+                "group_name": self.group_name,
+                "flush_cache": is_last,
+            }
+            if is_last:
+                payload["weight_version"] = version
+            # The servers block in the broadcast until we send, so post first and broadcast while they wait.
+            futures = self.client.request_each("/update_weights_from_distributed", payload)
+            try:
+                _beside_servers(lambda: broadcast_from_trainer(tensors, group=self.group), futures)
+            except BaseException:
+                self.group = None  # a half-done collective leaves the group unusable
+                raise
+            stats.num_buckets += 1
+            stats.num_tensors += len(bucket)
+            stats.num_bytes += _bucket_bytes(bucket)
+        stats.seconds = time.perf_counter() - start
+        return stats
+
+    def close(self) -> None:
+        if self.group is None:
+            return
+        try:
+            self.client.call_each("/destroy_weights_update_group", {"group_name": self.group_name})
+        finally:
+            destroy_weight_update_group(self.group)
+            self.group = None
+
+
+def save_safetensors_atomic(named_tensors: NamedTensors, output_dir: str | Path, *,
+                            shard_bytes: int = 4 * 1024 ** 3, copy_files_from: str | Path | None = None) -> Path:
+    """Write tensors as a Hugging Face safetensors checkpoint, all or nothing.
+
+    Shards go to a temporary directory next to `output_dir` (with
+    `model.safetensors.index.json` when there are several), plus the
+    `config.json` / tokenizer files of `copy_files_from`, and the directory is
+    renamed into place at the end, so a reader never sees a partial dump.
+    """
+    from safetensors.torch import save_file
+
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-"))
+    try:
+        shards: list[tuple[Path, list[str]]] = []
+        total = 0
+
+        def write(shard: dict[str, torch.Tensor]) -> None:
+            path = tmp / f"shard-{len(shards):05d}.safetensors"
+            save_file(shard, str(path), metadata={"format": "pt"})
+            shards.append((path, list(shard)))
+
+        shard: dict[str, torch.Tensor] = {}
+        size = 0
+        for bucket in iter_buckets(named_tensors, bucket_bytes=shard_bytes):
+            seen: set[int] = set()
+            for name, tensor in bucket:
+                # safetensors wants contiguous CPU tensors that share no storage (tied weights, views).
+                cpu = tensor.detach().to("cpu").contiguous()
+                nbytes = cpu.numel() * cpu.element_size()
+                storage = cpu.untyped_storage()
+                if storage.data_ptr() in seen or storage.nbytes() != nbytes:
+                    cpu = cpu.clone()
+                seen.add(cpu.untyped_storage().data_ptr())
+                shard[name] = cpu
+                size += nbytes
+            total += size
+            write(shard)
+            shard, size = {}, 0
+        if not shards:
+            raise ValueError("no tensors to save")
+        if len(shards) == 1:
+            shards[0][0].rename(tmp / "model.safetensors")
+        else:
+            weight_map = {}
+            for i, (path, names) in enumerate(shards):
+                final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                path.rename(tmp / final)
+                weight_map.update({name: final for name in names})
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        if copy_files_from is not None:
+            for source in Path(copy_files_from).iterdir():
+                if source.is_file() and source.suffix in (".json", ".txt", ".model", ".jinja") \
+                        and not source.name.startswith("model.safetensors"):
+                    shutil.copy2(source, tmp / source.name)
+        if output_dir.exists():  # same version written again: swap it out
+            stale = output_dir.with_name(f".{output_dir.name}.stale-{uuid.uuid4().hex[:8]}")
+            os.rename(output_dir, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.rename(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
+
+
+class DiskWeightSync:
+    """Dump to `output_dir/weights-<version>`, then every server reloads from there."""
+
+    def __init__(self, *, client: SGLangClient, output_dir: str | Path, shard_bytes: int = 4 * 1024 ** 3,
+                 copy_files_from: str | Path | None = None, keep_last: int = 1) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.client = client
+        self.output_dir = Path(output_dir)
+        self.shard_bytes = shard_bytes
+        self.copy_files_from = copy_files_from
+        self.keep_last = keep_last
+        self._written: list[Path] = []
+
+    def sync(self, named_tensors: NamedTensors, *, version: str) -> SyncStats:
+        stats = SyncStats()
+        start = time.perf_counter()
+
+        def counted() -> NamedTensors:
+            for name, tensor in named_tensors:
+                stats.num_tensors += 1
+                stats.num_bytes += tensor.numel() * tensor.element_size()
+                yield name, tensor
+        path = save_safetensors_atomic(counted(), self.output_dir / f"weights-{version}", shard_bytes=self.shard_bytes,
+                                       copy_files_from=self.copy_files_from)
+        self.client.call_each("/update_weights_from_disk", {"model_path": str(path.resolve()),
+                                                            "weight_version": version, "flush_cache": True})
+        stats.num_buckets = 1
+        stats.seconds = time.perf_counter() - start
+        if path in self._written:
+            self._written.remove(path)
+        self._written.append(path)
+        while len(self._written) > self.keep_last:
+            shutil.rmtree(self._written.pop(0), ignore_errors=True)
+        return stats
+
+    def close(self) -> None:
+        pass
+
+
+def serialize_named_tensors(named: list[tuple[str, torch.Tensor]]) -> str:
+    """SGLang's `MultiprocessingSerializer.serialize(..., output_str=True)`: base64 of a ForkingPickler dump.
+
+    CUDA tensors pickle as IPC handles; the caller keeps them alive until the servers answer.
+    """
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  registers torch's reductions with ForkingPickler
+
+    buffer = io.BytesIO()
+    ForkingPickler(buffer).dump(named)
+    return base64.b64encode(buffer.getvalue()).decode("utf-8")
+
+
+class TensorWeightSync:
+    """Colocated GPU: per bucket, CUDA IPC handles through `/update_weights_from_tensor`."""
+
+    def __init__(self, *, client: SGLangClient, bucket_bytes: int = 512 * MiB) -> None:
+        self.client = client
+        self.bucket_bytes = bucket_bytes
+        self._tp_sizes: dict[str, int] | None = None
+
+    def sync(self, named_tensors: NamedTensors, *, version: str) -> SyncStats:
+        if self._tp_sizes is None:
+            self._tp_sizes = {url: int(info.get("tp_size", 1)) for url, info in self.client.server_info().items()}
+        stats = SyncStats()
+        start = time.perf_counter()
+        for bucket, is_last in _with_last(iter_buckets(named_tensors, bucket_bytes=self.bucket_bytes)):
+            tensors = [(name, t.detach().contiguous()) for name, t in bucket]
+            if any(not t.is_cuda for _, t in tensors):
+                raise ValueError("weight_sync 'tensor' needs CUDA tensors (colocated GPU runs); use 'distributed' "
+                                 "or 'disk' on CPU")
+            serialized = serialize_named_tensors(tensors)
+            per_url = {}
+            for url, tp_size in self._tp_sizes.items():
+                # One entry per server TP rank; each rank loads the full HF tensors and shards them itself.
+                payload = {"serialized_named_tensors": [serialized] * tp_size, "load_format": None,
+                           "flush_cache": is_last}
+                if is_last:
+                    payload["weight_version"] = version
+                per_url[url] = payload
+            wait_each(self.client.request_each("/update_weights_from_tensor", per_url=per_url))
+            stats.num_buckets += 1
+            stats.num_tensors += len(bucket)
+            stats.num_bytes += _bucket_bytes(bucket)
+            del tensors  # the servers have copied them
+        stats.seconds = time.perf_counter() - start
+        return stats
+
+    def close(self) -> None:
+        pass
+
+
+__all__ = ["DiskWeightSync", "DistributedWeightSync", "SyncStats", "TensorWeightSync", "WeightSync", "free_port",
+           "iter_buckets", "save_safetensors_atomic", "serialize_named_tensors"]
