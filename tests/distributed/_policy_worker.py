@@ -1,0 +1,211 @@
+"""Worker processes for the policy layout tests (spawned by test_policy_layouts.py).
+
+A tiny Qwen2-shaped fp32 model (4 layers, hidden 64, 4 heads / 2 KV heads,
+qkv bias, tied embeddings, vocab 251 so TP=2 pads one row) gets the same
+seeded weights under every layout. `run_reference` computes, on one process
+(TP=1), per-token log-probs and entropy, one RL step's loss, metrics, grad
+norm, gradients and post-step parameters, all in full (unsharded) megatron
+names. `run_layouts` brings up one gloo group and runs several layouts in it
+one after another (megatron's parallel state is re-initialised in place, as
+megatron's own tests do), comparing each rank's shard with the reference and
+writing the max abs differences to `<out>/<layout>.rank<r>.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+TINY_QWEN2 = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 251,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+}
+SEQ_LEN = 32
+PROMPT_LENS = (6, 9, 4, 12)
+RESPONSE_LENS = (20, 14, 27, 17)
+TEMPERATURE = 0.8
+MICRO_BATCH_SIZE = 1
+LOSS_HPARAMS = {"eps_low": 0.2, "eps_high": 0.2, "beta1": 0.5, "beta2": 1.0, "entropy_coef": 0.01, "nll_coef": 0.1}
+# Adam's first step is lr * g / (|g| + eps): with the default eps 1e-8 it is ~lr * sign(g),
+# blind to the gradient's size and jumpy for |g| ~ eps. eps 1e-4 keeps the post-step
+# parameters a smooth function of the gradients (a 1e-7 gradient difference moves a
+# parameter by at most lr * 1e-7 / eps = 1e-6) and sensitive to a wrongly scaled gradient.
+TRAIN = {"lr": 1e-3, "grad_clip": 1.0, "weight_decay": 0.01, "adam_eps": 1e-4}
+
+# name: (ParallelConfig fields, TrainConfig fields)
+LAYOUTS = {
+    "tp2": ({"tensor_parallel": 2}, {}),
+    "tp2_sp": ({"tensor_parallel": 2, "sequence_parallel": True}, {}),
+    "pp2": ({"pipeline_parallel": 2}, {}),
+    "pp2_vpp2": ({"pipeline_parallel": 2, "virtual_pipeline": 2}, {}),
+    "dp2_distopt": ({}, {"distributed_optimizer": True}),
+    "tp2_pp2": ({"tensor_parallel": 2, "pipeline_parallel": 2}, {}),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def seeded_hf_state_dict(arch, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Deterministic HF-named Qwen2 weights (norm weights around 1, the rest N(0, 0.05))."""
+    h, f, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
+    q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
+    shapes = {"model.embed_tokens.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.q_proj.bias": (q,),
+            p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.k_proj.bias": (kv,),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.v_proj.bias": (kv,),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h), p + "mlp.down_proj.weight": (h, f),
+        })
+    if not arch.tie_word_embeddings:
+        shapes["lm_head.weight"] = (arch.vocab_size, h)
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in shapes.items():
+        values = torch.randn(shape, generator=gen) * 0.05
+        state[name] = values + 1.0 if "norm" in name else values
+    return state
+
+
+def full_batch(*, old_log_probs: torch.Tensor | None = None):
+    """The 4 x 32 test batch (fixed tokens, right padding, varied prompt / response lengths)."""
+    from megatron_gppo.model.policy import PolicyBatch
+
+    gen = torch.Generator().manual_seed(1)
+    num_rows = len(PROMPT_LENS)
+    tokens = torch.randint(0, TINY_QWEN2["vocab_size"], (num_rows, SEQ_LEN), generator=gen)
+    loss_mask = torch.zeros(num_rows, SEQ_LEN, dtype=torch.bool)
+    for row, (prompt, response) in enumerate(zip(PROMPT_LENS, RESPONSE_LENS)):
+        loss_mask[row, prompt:prompt + response] = True
+        tokens[row, prompt + response:] = 0  # padding
+    advantages = torch.tensor([1.0, -0.5, 0.8, -1.2]).unsqueeze(1).expand(num_rows, SEQ_LEN).contiguous()
+    if old_log_probs is None:
+        old_log_probs = torch.zeros(num_rows, SEQ_LEN)
+    return PolicyBatch(tokens=tokens, loss_mask=loss_mask, advantages=advantages, old_log_probs=old_log_probs)
+
+
+def _setup(rank: int, world_size: int, port: int, parallel_fields: dict, train_fields: dict):
+    from megatron_gppo.config import ModelConfig, ParallelConfig, TrainConfig
+    from megatron_gppo.checkpoint.qwen2 import hf_to_megatron
+    from megatron_gppo.model.arch import ModelArch
+    from megatron_gppo.model.parallel import init_distributed
+    from megatron_gppo.model.policy import Policy
+
+    arch = ModelArch.from_hf_config(TINY_QWEN2)
+    environ = {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    dims = init_distributed(ParallelConfig(**parallel_fields), arch=arch, seed=1234, environ=environ)
+    policy = Policy(arch=arch, dims=dims, model=ModelConfig(dtype="float32"),
+                    train=TrainConfig(**{**TRAIN, **train_fields}))
+    policy.load_full_state_dict(hf_to_megatron(seeded_hf_state_dict(arch), arch=arch))
+    return policy
+
+
+def _step(policy, batch, *, fused: bool = True):
+    """log-probs, then one RL step; returns everything the comparison needs."""
+    log_probs, entropy = policy.compute_log_probs(batch, temperature=TEMPERATURE, micro_batch_size=2, fused=fused)
+    loss, metrics = policy.forward_backward(batch, loss_name="ce_gppo", loss_hparams=LOSS_HPARAMS,
+                                            temperature=TEMPERATURE, micro_batch_size=MICRO_BATCH_SIZE, fused=fused)
+    grads = {name: param.main_grad.detach().clone() for chunk in policy.model for name, param in _named(chunk)}
+    return log_probs, entropy, loss, metrics, grads
+
+
+def _named(ddp_chunk):
+    from megatron_gppo.model.weights import global_name
+
+    chunk = ddp_chunk.module
+    return [(global_name(chunk, name), param) for name, param in chunk.named_parameters()]
+
+
+def run_reference(rank: int, port: int, path: str) -> None:
+    """TP=1 on one process: the numbers every layout must reproduce."""
+    torch.set_num_threads(1)
+    policy = _setup(0, 1, port, {}, {})
+    log_probs, _ = policy.compute_log_probs(full_batch(), temperature=TEMPERATURE, micro_batch_size=4)
+    # The sampling policy: the current one, perturbed so that every CE-GPPO region is populated.
+    noise = torch.randn(log_probs.shape, generator=torch.Generator().manual_seed(2)) * 0.3
+    old_log_probs = (log_probs + noise) * full_batch().loss_mask
+    batch = full_batch(old_log_probs=old_log_probs)
+    log_probs, entropy, loss, metrics, grads = _step(policy, batch)
+    stats = policy.step()
+    params = {name: param.detach().clone() for chunk in policy.model for name, param in _named(chunk)}
+    torch.save({"old_log_probs": old_log_probs, "log_probs": log_probs, "entropy": entropy, "loss": loss,
+                "metrics": metrics, "grad_norm": stats.grad_norm, "grads": grads, "params": params}, path)
+
+
+def run_layouts(rank: int, world_size: int, port: int, names: list[str], ref_path: str, out_dir: str) -> None:
+    from megatron.core import parallel_state
+
+    from megatron_gppo.model.weights import shard_like
+
+    torch.set_num_threads(1)
+    ref = torch.load(ref_path)
+    for name in names:
+        parallel_fields, train_fields = LAYOUTS[name]
+        policy = _setup(rank, world_size, port, parallel_fields, train_fields)
+        dp_rank, dp = parallel_state.get_data_parallel_rank(), policy.dims.dp
+        tp_rank, tp = parallel_state.get_tensor_model_parallel_rank(), policy.dims.tp
+        num_rows = len(PROMPT_LENS) // dp
+        rows = slice(dp_rank * num_rows, (dp_rank + 1) * num_rows)
+        batch = full_batch(old_log_probs=ref["old_log_probs"]).rows(rows.start, rows.stop)
+
+        log_probs, entropy, loss, metrics, grads = _step(policy, batch)
+        diffs = {
+            "log_probs": _max_diff(log_probs, ref["log_probs"][rows]),
+            "entropy": _max_diff(entropy, ref["entropy"][rows]),
+            "loss": abs(loss - ref["loss"]),
+            "metrics": max(abs(metrics[k] - ref["metrics"][k]) for k in ref["metrics"]),
+        }
+        params = dict(p for chunk in policy.model for p in _named(chunk))
+        if not policy.dims.dp > 1 or not train_fields.get("distributed_optimizer"):
+            # (With the distributed optimizer each rank's grad buffer is only reduced on its own shard.)
+            diffs["grads"] = max(
+                _max_diff(grads[key], shard_like(params[key], ref["grads"][key], name=key, tp_rank=tp_rank, tp_size=tp))
+                for key in grads)
+        if name == "tp2":
+            # The unfused reference log-prob path must give the same RL loss and gradients.
+            _, _, loss_unfused, _, grads_unfused = _step(policy, batch, fused=False)
+            diffs["fused_vs_unfused_loss"] = abs(loss - loss_unfused)
+            diffs["fused_vs_unfused_grads"] = max(_max_diff(grads[k], grads_unfused[k]) for k in grads)
+            policy.forward_backward(batch, loss_name="ce_gppo", loss_hparams=LOSS_HPARAMS,
+                                    temperature=TEMPERATURE, micro_batch_size=MICRO_BATCH_SIZE)
+        stats = policy.step()
+        diffs["grad_norm"] = abs(stats.grad_norm - ref["grad_norm"])
+        diffs["params"] = max(
+            _max_diff(param, shard_like(param, ref["params"][key], name=key, tp_rank=tp_rank, tp_size=tp))
+            for key, param in params.items())
+        Path(out_dir, f"{name}.rank{rank}.json").write_text(json.dumps(diffs))
+        del policy
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    diff = (a.double() - b.double()).abs().max().item()
+    return diff if not math.isnan(diff) else float("inf")
+
+
+if __name__ == "__main__":
+    raise SystemExit("spawned by tests/distributed/test_policy_layouts.py")
