@@ -104,6 +104,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+class WeightSyncError(RolloutError):
+    """A weight update failed; `group_usable` says whether the process group can carry the next one."""
+
+    def __init__(self, message: str, *, group_usable: bool) -> None:
+        super().__init__(message)
+        self.group_usable = group_usable
+
+
+_SETTLE_S = 5.0
+
+
 def _beside_servers(collective: Callable[[], T], futures: dict[str, Future]) -> T:
     """Run our side of a collective while the servers' HTTP calls (their side) are in flight.
 
@@ -122,8 +133,14 @@ def _beside_servers(collective: Callable[[], T], futures: dict[str, Future]) -> 
     wait([local, *futures.values()], return_when=FIRST_EXCEPTION)
     failed = {url: f for url, f in futures.items() if f.done() and f.exception() is not None}
     if failed:
-        raise RolloutError("; ".join(str(f.exception()) for f in failed.values()))
-    result = local.result()
+        # A server that received everything and then refused to load (a bad name) leaves the group usable.
+        wait([local], timeout=_SETTLE_S)
+        usable = local.done() and local.exception() is None
+        raise WeightSyncError("; ".join(str(f.exception()) for f in failed.values()), group_usable=usable)
+    try:
+        result = local.result()
+    except BaseException as err:
+        raise WeightSyncError(f"trainer side of the collective failed: {err}", group_usable=False) from err
     wait_each(futures)
     return result
 
@@ -134,6 +151,8 @@ class DistributedWeightSync:
     def __init__(self, *, client: SGLangClient, bucket_bytes: int = 512 * MiB, backend: str = "gloo",
                  master_address: str = "127.0.0.1", master_port: int = 0, group_name: str = "weight_update_group",
                  timeout_s: float = 600.0) -> None:
+        """`master_address` must be reachable from every server; port 0 picks a free one per connection.
+        Each connection's group is named `<group_name>-<random suffix>`."""
         if bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
         self.client = client
@@ -144,6 +163,7 @@ class DistributedWeightSync:
         self.group_name = group_name
         self.timeout_s = timeout_s
         self.group = None
+        self.active_group_name = ""
 
     def connect(self) -> None:
         """Create the group: this process is rank 0, server `i`'s TP workers follow at its rank offset."""
@@ -153,8 +173,11 @@ class DistributedWeightSync:
             offsets[url] = world_size
             world_size += tp_sizes[url]
         port = self.master_port or free_port(self.master_address)
+        # A fresh name per connection: a group left behind by a failed sync (here, or on the servers by a
+        # trainer that died) keeps its name and cannot block this one.
+        self.active_group_name = f"{self.group_name}-{uuid.uuid4().hex[:8]}"
         base = dict(master_address=self.master_address, master_port=port, world_size=world_size,
-                    group_name=self.group_name, backend=self.backend)
+                    group_name=self.active_group_name, backend=self.backend)
         # The servers' answers come only once everyone, us included, has joined.
         futures = self.client.request_each("/init_weights_update_group", per_url={
             url: {**base, "rank_offset": offsets[url]} for url in self.client.server_urls})
@@ -173,7 +196,7 @@ class DistributedWeightSync:
                 "names": [name for name, _ in bucket],
                 "dtypes": [dtype_name(t.dtype) for t in tensors],
                 "shapes": [list(t.shape) for t in tensors],
-                "group_name": self.group_name,
+                "group_name": self.active_group_name,
                 "flush_cache": is_last,
             }
             if is_last:
@@ -182,8 +205,11 @@ class DistributedWeightSync:
             futures = self.client.request_each("/update_weights_from_distributed", payload)
             try:
                 _beside_servers(lambda: broadcast_from_trainer(tensors, group=self.group), futures)
-            except BaseException:
-                self.group = None  # a half-done collective leaves the group unusable
+            except WeightSyncError as err:
+                if not err.group_usable:
+                    # Stuck in a half-done collective (its thread ends at the group's timeout):
+                    # the next sync makes a new group.
+                    self.group = None
                 raise
             stats.num_buckets += 1
             stats.num_tensors += len(bucket)
@@ -195,7 +221,7 @@ class DistributedWeightSync:
         if self.group is None:
             return
         try:
-            self.client.call_each("/destroy_weights_update_group", {"group_name": self.group_name})
+            self.client.call_each("/destroy_weights_update_group", {"group_name": self.active_group_name})
         finally:
             destroy_weight_update_group(self.group)
             self.group = None
@@ -362,5 +388,6 @@ class TensorWeightSync:
         pass
 
 
-__all__ = ["DiskWeightSync", "DistributedWeightSync", "SyncStats", "TensorWeightSync", "WeightSync", "free_port",
+__all__ = ["DiskWeightSync", "DistributedWeightSync", "SyncStats", "TensorWeightSync", "WeightSync",
+           "WeightSyncError", "free_port",
            "iter_buckets", "save_safetensors_atomic", "serialize_named_tensors"]
