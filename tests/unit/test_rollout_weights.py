@@ -1,0 +1,76 @@
+"""Weight-sync building blocks: buckets, the atomic safetensors dump, loading by name, payload safety."""
+
+import base64
+import pickle
+
+import pytest
+import torch
+
+from megatron_gppo.rollout.weight_loader import deserialize_named_tensors, load_named_tensors, read_safetensors_dir
+from megatron_gppo.rollout.weight_sync import iter_buckets, save_safetensors_atomic, serialize_named_tensors
+
+
+def named(*sizes):
+    return [(f"t{i}", torch.full((size,), float(i))) for i, size in enumerate(sizes)]
+
+
+def test_buckets_keep_order_and_size_and_give_big_tensors_their_own():
+    buckets = list(iter_buckets(named(2, 2, 10, 1, 1, 1), bucket_bytes=16))  # float32: 4 bytes each
+    assert [[name for name, _ in bucket] for bucket in buckets] == [["t0", "t1"], ["t2"], ["t3", "t4", "t5"]]
+    assert [len(b) for b in iter_buckets(named(1, 1, 1), bucket_bytes=1)] == [1, 1, 1]
+
+
+def test_atomic_dump_shards_ties_and_round_trips(tmp_path):
+    shared = torch.arange(6.0)
+    tensors = [("a", shared), ("b", shared), ("c", torch.ones(3, 2).t()), ("d", torch.zeros(50))]
+    out = save_safetensors_atomic(tensors, tmp_path / "dump", shard_bytes=64)
+    assert (out / "model.safetensors.index.json").is_file()
+    loaded = dict(read_safetensors_dir(out))
+    assert sorted(loaded) == ["a", "b", "c", "d"]
+    for name, tensor in tensors:
+        assert torch.equal(loaded[name], tensor)
+    single = save_safetensors_atomic(tensors[:1], tmp_path / "one")
+    assert [p.name for p in single.iterdir()] == ["model.safetensors"]
+
+
+def test_failed_dump_leaves_nothing_behind(tmp_path):
+    def broken():
+        yield "a", torch.zeros(4)
+        raise RuntimeError("conversion failed")
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        save_safetensors_atomic(broken(), tmp_path / "dump", shard_bytes=8)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_checks_everything_before_writing_and_updates_tied_weights():
+    model = torch.nn.Sequential(torch.nn.Embedding(4, 2), torch.nn.Linear(2, 4, bias=False))
+    model[1].weight = model[0].weight  # tied, as lm_head / embed_tokens
+    before = model[0].weight.clone()
+    with pytest.raises(ValueError, match="no parameter named"):
+        load_named_tensors(model, [("0.weight", torch.ones(4, 2)), ("2.weight", torch.ones(1))])
+    with pytest.raises(ValueError, match="does not match"):
+        load_named_tensors(model, [("0.weight", torch.ones(4, 2)), ("1.weight", torch.ones(2, 4))])
+    assert torch.equal(model[0].weight, before)
+    assert load_named_tensors(model, [("1.weight", torch.full((4, 2), 3.0, dtype=torch.float64))]) == 1
+    assert torch.equal(model[0].weight, torch.full((4, 2), 3.0)) and model[0].weight.dtype == torch.float32
+
+
+def test_tensor_payload_refuses_anything_but_torch():
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    payload = base64.b64encode(pickle.dumps([("x", Evil())])).decode()
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        deserialize_named_tensors(payload)
+
+
+def test_tensor_payload_needs_cuda_tensors_for_ipc():
+    # CPU tensors pickle as file descriptors, which do not survive HTTP; the sync refuses them (see tests/gpu).
+    from megatron_gppo.rollout.weight_sync import TensorWeightSync
+
+    class NoServers:
+        def server_info(self):
+            return {"http://x": {"tp_size": 1}}
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        TensorWeightSync(client=NoServers()).sync([("a", torch.zeros(2))], version="1")
+    assert isinstance(serialize_named_tensors([]), str)
