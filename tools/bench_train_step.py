@@ -1,0 +1,220 @@
+#!/usr/bin/env python
+"""Throughput and MFU of one RL training step of the Megatron policy.
+
+A step is `Policy.forward_backward_step`: megatron's pipeline schedule over
+the micro-batches, fused vocab-parallel log-probs + entropy, the CE-GPPO loss
+and the AdamW step. The model is randomly initialised from an HF config.json
+(`--hf-config`) or from `--hidden-size/--num-layers/...`; the batch is random
+tokens whose second half is the scored "response".
+
+    python tools/bench_train_step.py --num-layers 4 --hidden-size 256 --seq-len 512
+    python tools/bench_train_step.py --hf-config Qwen2.5-0.5B/config.json --tp 2 --pp 2
+
+With more than one process (`--tp x --pp x --dp`) and no launcher variables it
+re-launches itself under `torch.distributed.run` on this machine. Rank 0
+prints one JSON object:
+
+    tokens_per_s   trained tokens (prompt + response) per second, all data-parallel ranks
+    mfu            6 * params * tokens_per_s / (peak_flops_per_device * world_size)
+                   (the usual 6N estimate: no attention FLOPs, no recompute)
+
+`--peak-tflops` is the per-device peak; by default a table entry for known
+GPUs (bf16 dense) and, on CPU, the fp32 matmul throughput measured on this
+process's threads just before the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    model = parser.add_argument_group("model (ignored with --hf-config)")
+    model.add_argument("--hf-config", help="HF config.json (or its directory) to build the model from")
+    model.add_argument("--num-layers", type=int, default=4)
+    model.add_argument("--hidden-size", type=int, default=256)
+    model.add_argument("--num-heads", type=int, default=8)
+    model.add_argument("--num-kv-heads", type=int, default=2)
+    model.add_argument("--ffn-hidden-size", type=int, default=0, help="0: 8/3 x hidden rounded up to 64")
+    model.add_argument("--vocab-size", type=int, default=32000)
+    layout = parser.add_argument_group("layout")
+    layout.add_argument("--tp", type=int, default=1)
+    layout.add_argument("--pp", type=int, default=1)
+    layout.add_argument("--vpp", type=int, default=1)
+    layout.add_argument("--dp", type=int, default=1)
+    layout.add_argument("--sequence-parallel", action="store_true")
+    layout.add_argument("--distributed-optimizer", action="store_true")
+    run = parser.add_argument_group("run")
+    run.add_argument("--seq-len", type=int, default=256)
+    run.add_argument("--batch-size", type=int, default=8, help="sequences per step per data-parallel rank")
+    run.add_argument("--micro-batch-size", type=int, default=2)
+    run.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                     help="default: bfloat16 on GPU, float32 on CPU")
+    run.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
+    run.add_argument("--steps", type=int, default=3, help="timed steps")
+    run.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    run.add_argument("--peak-tflops", type=float, default=0.0, help="per-device peak; 0 picks a default")
+    return parser.parse_args(argv)
+
+
+def model_config(args) -> dict:
+    if args.hf_config:
+        return args.hf_config
+    ffn = args.ffn_hidden_size or -(-8 * args.hidden_size // 3 // 64) * 64
+    return {
+        "architectures": ["Qwen2ForCausalLM"], "hidden_size": args.hidden_size, "intermediate_size": ffn,
+        "num_hidden_layers": args.num_layers, "num_attention_heads": args.num_heads,
+        "num_key_value_heads": args.num_kv_heads, "vocab_size": args.vocab_size,
+        "max_position_embeddings": max(4096, args.seq_len), "tie_word_embeddings": False,
+    }
+
+
+def peak_flops(requested_tflops: float) -> tuple[float, str]:
+    """Per-device peak FLOP/s and where the number comes from."""
+    if requested_tflops > 0:
+        return requested_tflops * 1e12, "--peak-tflops"
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, tflops in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12, f"table ({key} bf16 dense)"
+        return 989e12, f"table (unknown GPU {name!r}: H100 bf16 dense assumed)"
+    # CPU: best of a few 1024^3 fp32 matmuls on this process's threads.
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(5))
+    return 2 * 1024**3 / best, f"measured fp32 matmul ({torch.get_num_threads()} threads)"
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def relaunch(args_list: list[str], world_size: int) -> int:
+    """Run this script under torch.distributed.run with `world_size` local processes."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world_size}",
+               "--master-addr=127.0.0.1", f"--master-port={port}", __file__, *args_list]
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        # Share the cores between the processes instead of oversubscribing them.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
+    return subprocess.call(command, env=env)
+
+
+def synthetic_batch(args, vocab_size: int, *, seed: int):
+    from megatron_gppo.model.policy import PolicyBatch
+
+    gen = torch.Generator().manual_seed(seed)
+    shape = (args.batch_size, args.seq_len)
+    tokens = torch.randint(0, vocab_size, shape, generator=gen)
+    loss_mask = torch.zeros(shape, dtype=torch.bool)
+    loss_mask[:, args.seq_len // 2:] = True
+    advantages = torch.randn(args.batch_size, 1, generator=gen).expand(shape).contiguous()
+    return PolicyBatch(tokens=tokens, loss_mask=loss_mask, advantages=advantages)
+
+
+def bench(args) -> dict | None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_gppo.config import ModelConfig, ParallelConfig, TrainConfig
+    from megatron_gppo.model.arch import ModelArch
+    from megatron_gppo.model.parallel import destroy_distributed, init_distributed
+    from megatron_gppo.model.policy import Policy, PolicyBatch
+
+    arch = ModelArch.from_hf_config(model_config(args))
+    dims = init_distributed(
+        ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp, virtual_pipeline=args.vpp,
+                       data_parallel=args.dp, sequence_parallel=args.sequence_parallel),
+        arch=arch, seed=1234)
+    dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
+    policy = Policy(arch=arch, dims=dims, model=ModelConfig(dtype=dtype, recompute=args.recompute),
+                    train=TrainConfig(lr=1e-6, distributed_optimizer=args.distributed_optimizer))
+    peak, peak_source = peak_flops(args.peak_tflops)
+    batch = synthetic_batch(args, arch.vocab_size, seed=parallel_state.get_data_parallel_rank())
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        dist.barrier()
+
+    sync()
+    logprob_times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        old_log_probs, _ = policy.compute_log_probs(batch, micro_batch_size=args.micro_batch_size)
+        sync()
+        logprob_times.append(time.perf_counter() - start)
+    batch = PolicyBatch(tokens=batch.tokens, loss_mask=batch.loss_mask, advantages=batch.advantages,
+                        old_log_probs=old_log_probs)
+    step_times = []
+    for step in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        result = policy.forward_backward_step(batch, loss_name="ce_gppo", micro_batch_size=args.micro_batch_size)
+        sync()
+        if step >= args.warmup:
+            step_times.append(time.perf_counter() - start)
+
+    tokens_per_step = args.batch_size * args.seq_len * dims.dp
+    step_time = statistics.mean(step_times)
+    tokens_per_s = tokens_per_step / step_time
+    report = {
+        "model": {"family": arch.family, "params": arch.num_params, "num_layers": arch.num_layers,
+                  "hidden_size": arch.hidden_size, "num_heads": arch.num_attention_heads,
+                  "num_kv_heads": arch.num_query_groups, "ffn_hidden_size": arch.ffn_hidden_size,
+                  "vocab_size": arch.vocab_size, "dtype": dtype, "recompute": args.recompute},
+        "layout": {"tp": dims.tp, "pp": dims.pp, "vpp": dims.vpp, "dp": dims.dp,
+                   "sequence_parallel": dims.sequence_parallel,
+                   "distributed_optimizer": args.distributed_optimizer, "world_size": dims.world_size},
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
+        "seq_len": args.seq_len,
+        "batch_size_per_dp_rank": args.batch_size,
+        "micro_batch_size": args.micro_batch_size,
+        "timed_steps": len(step_times),
+        "step_time_s": round(step_time, 4),
+        "tokens_per_step": tokens_per_step,
+        "tokens_per_s": round(tokens_per_s, 1),
+        "logprob_tokens_per_s": round(tokens_per_step / min(logprob_times), 1),
+        "achieved_tflops_per_device": round(6 * arch.num_params * tokens_per_s / dims.world_size / 1e12, 4),
+        "peak_tflops_per_device": round(peak / 1e12, 4),
+        "peak_source": peak_source,
+        "mfu": round(6 * arch.num_params * tokens_per_s / (peak * dims.world_size), 4),
+        "flops_formula": "6 * params * tokens (no attention, no recompute)",
+        "last_loss": result.loss,
+        "last_grad_norm": result.grad_norm,
+    }
+    is_rank0 = dist.get_rank() == 0
+    destroy_distributed()
+    return report if is_rank0 else None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    world_size = args.tp * args.pp * args.dp
+    if world_size > 1 and "RANK" not in os.environ:
+        return relaunch(sys.argv[1:] if argv is None else list(argv), world_size)
+    report = bench(args)
+    if report is not None:
+        print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
