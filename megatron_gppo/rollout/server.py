@@ -338,7 +338,7 @@ class RolloutServer:
         def apply(g: Any) -> int:
             if abort_all:
                 g.abort(abort_all=True)
-            count = load_named_tensors(g.model, named)
+            count = load_named_tensors(g.model, named, adopt=True)  # the tensors were made for us
             if version is not None:
                 g.weight_version = version
             return count

@@ -16,12 +16,15 @@ from megatron_gppo.rollout.process_group import dtype_from_name
 _SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def load_named_tensors(model: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-    """Copy tensors into the model's parameters/buffers by name, casting dtype; returns how many.
+def load_named_tensors(model: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]], *,
+                       adopt: bool = False) -> int:
+    """Put tensors into the model's parameters/buffers by name, casting dtype; returns how many.
 
     Every name and shape is checked before anything is written, so a bad
-    update leaves the model unchanged. Tied weights share one tensor, so
-    updating either name updates both.
+    update leaves the model unchanged. Tied weights share one Parameter, so
+    updating either name updates both. With `adopt`, a tensor that already
+    has the parameter's dtype, device and layout becomes its storage instead
+    of being copied (the caller must not touch it afterwards).
     """
     targets = dict(model.named_parameters(remove_duplicate=False))
     targets.update(dict(model.named_buffers(remove_duplicate=False)))
@@ -37,7 +40,10 @@ def load_named_tensors(model: torch.nn.Module, named_tensors: Iterable[tuple[str
         pending.append((target, tensor))
     with torch.no_grad():
         for target, tensor in pending:
-            target.copy_(tensor)
+            if adopt and tensor.dtype == target.dtype and tensor.device == target.device and tensor.is_contiguous():
+                target.data = tensor
+            else:
+                target.copy_(tensor)
     return len(pending)
 
 

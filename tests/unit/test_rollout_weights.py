@@ -74,3 +74,12 @@ def test_tensor_payload_needs_cuda_tensors_for_ipc():
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         TensorWeightSync(client=NoServers()).sync([("a", torch.zeros(2))], version="1")
     assert isinstance(serialize_named_tensors([]), str)
+
+
+def test_adopt_takes_matching_tensors_without_copying():
+    model = torch.nn.Linear(3, 2)
+    fresh = torch.randn(2, 3)
+    other_dtype = torch.randn(2, dtype=torch.float64)
+    load_named_tensors(model, [("weight", fresh), ("bias", other_dtype)], adopt=True)
+    assert model.weight.data_ptr() == fresh.data_ptr() and isinstance(model.weight, torch.nn.Parameter)
+    assert model.bias.dtype == torch.float32 and torch.equal(model.bias, other_dtype.float())
