@@ -22,7 +22,11 @@ _READY = re.compile(r"ready at (http://\S+)")
 
 
 class LocalServers:
-    """Start `num_servers` servers on `model_path`; use as a context manager or call `stop()`."""
+    """Start `num_servers` servers on `model_path`; use as a context manager or call `stop()`.
+
+    `num_threads` is torch's thread count per server; 0 splits this machine's
+    cores between the servers (they would oversubscribe them otherwise).
+    """
 
     def __init__(self, *, model_path: str | Path, num_servers: int = 1, api_key: str = "", dtype: str = "float32",
                  num_threads: int = 0, extra_args: Sequence[str] = (), log_dir: str | Path | None = None,
@@ -33,7 +37,7 @@ class LocalServers:
         self.num_servers = num_servers
         self.api_key = api_key
         self.dtype = dtype
-        self.num_threads = num_threads
+        self.num_threads = num_threads or max(1, (os.cpu_count() or 1) // num_servers)
         self.extra_args = list(extra_args)
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="megatron-gppo-serve-"))
         self.startup_timeout_s = startup_timeout_s
