@@ -2,7 +2,8 @@
 
 "Full" means TP=1 / PP=1 megatron names with global layer numbers
 (`decoder.layers.{i}.…`, i from 0) and the true (unpadded) vocabulary, as
-`megatron_gppo.checkpoint.qwen2.hf_to_megatron` produces. `shard_like`
+`megatron_gppo.checkpoint.mapping.hf_to_megatron` produces (either layer-norm
+spelling: local spec or Transformer Engine). `shard_like`
 cuts the piece of one full tensor that a local parameter holds:
 
 - the layer index comes from the layer's own `layer_number`, so any PP / VPP
@@ -24,6 +25,12 @@ from megatron.core import parallel_state
 from megatron_gppo.model.provider import PolicyGPTModel
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+# The local layer spec's norm names and Transformer Engine's (fused into the next linear).
+_NORM_ALIASES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+_NORM_ALIASES.update({te: local for local, te in _NORM_ALIASES.items()})
 
 
 def global_name(chunk: PolicyGPTModel, local_name: str) -> str:
@@ -66,10 +73,21 @@ def load_full_state_dict(chunks: list[PolicyGPTModel], full: dict[str, torch.Ten
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     for chunk in chunks:
         for name, param in chunk.named_parameters():
-            key = global_name(chunk, name)
-            if key not in full:
-                raise KeyError(f"{key} (local {name}) is missing from the state dict")
+            key = _find(full, global_name(chunk, name))
+            if key is None:
+                raise KeyError(f"{global_name(chunk, name)} (local {name}) is missing from the state dict")
             param.copy_(shard_like(param, full[key], name=name, tp_rank=tp_rank, tp_size=tp_size))
+
+
+def _find(full: dict[str, torch.Tensor], key: str) -> str | None:
+    """`key`, or its other layer-norm spelling (local spec <-> Transformer Engine), if in `full`."""
+    if key in full:
+        return key
+    match = _LAYER.match(key)
+    if match and key[match.end():] in _NORM_ALIASES:
+        alias = match.group(0) + _NORM_ALIASES[key[match.end():]]
+        return alias if alias in full else None
+    return None
 
 
 __all__ = ["global_name", "load_full_state_dict", "shard_like"]

@@ -54,6 +54,8 @@ LAYOUTS = {
     "tp2_sp": ({"tensor_parallel": 2, "sequence_parallel": True}, {}),
     "pp2": ({"pipeline_parallel": 2}, {}),
     "pp2_vpp2": ({"pipeline_parallel": 2, "virtual_pipeline": 2}, {}),
+    "pp2_uneven": ({"pipeline_parallel": 2, "num_layers_in_first_stage": 1, "num_layers_in_last_stage": 3}, {}),
+    "dp2": ({}, {}),
     "dp2_distopt": ({}, {"distributed_optimizer": True}),
     "tp2_pp2": ({"tensor_parallel": 2, "pipeline_parallel": 2}, {}),
 }

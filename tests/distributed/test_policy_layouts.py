@@ -9,7 +9,7 @@ also checks that the fused and unfused log-prob paths give the same loss and
 gradients.
 
 Three process groups in all: the TP=1 reference (1 process), one 2-process
-group running five layouts one after another, one 4-process group (TP2xPP2).
+group running seven layouts one after another, one 4-process group (TP2xPP2).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import _policy_worker as worker
 pytestmark = pytest.mark.distributed
 
 TOLERANCE = 1e-5
-GROUPS = ((2, ["tp2", "tp2_sp", "pp2", "pp2_vpp2", "dp2_distopt"]), (4, ["tp2_pp2"]))
+GROUPS = ((2, ["tp2", "tp2_sp", "pp2", "pp2_vpp2", "pp2_uneven", "dp2", "dp2_distopt"]), (4, ["tp2_pp2"]))
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@
 Same weights in both. The RL loss (CE-GPPO with entropy and NLL terms,
 micro-batched, exact global token mean) must give the per-token log-probs,
 entropies, loss and every parameter gradient of the same loss computed on the
-Hugging Face model's full logits. Also: full activation recompute changes
-nothing, bf16 runs a step, and Qwen3 (qk norm, head_dim != hidden/heads) and
+Hugging Face model's full logits. Also: activation recompute (full,
+selective) changes nothing, bf16 runs a step, and Qwen3 (qk norm, head_dim != hidden/heads) and
 Llama 3 (llama3 rope scaling, tied) forward passes match their HF models.
 """
 
@@ -148,20 +148,21 @@ def test_rl_loss_gradients_match_plain_pytorch(dims):
         assert not torch.equal(param, before[name]), name
 
 
-def test_full_recompute_changes_nothing(dims):
+def test_activation_recompute_changes_nothing(dims):
     model = hf_model("qwen2")
     batch = make_batch()
     batch = PolicyBatch(tokens=batch.tokens, loss_mask=batch.loss_mask, advantages=batch.advantages,
                         old_log_probs=torch.full(batch.tokens.shape, -5.0) * batch.loss_mask)
     results = []
-    for recompute in ("none", "full"):
+    for recompute in ("none", "full", "selective"):
         policy = policy_like(model, "qwen2", dims, recompute=recompute)
         loss, _ = policy.forward_backward(batch, loss_name="ce_gppo", loss_hparams=LOSS_HPARAMS,
                                           temperature=TEMPERATURE, micro_batch_size=2)
         results.append((loss, {n: p.main_grad.clone() for n, p in policy.chunks[0].named_parameters()}))
-    (loss, grads), (loss_recompute, grads_recompute) = results
-    assert loss == loss_recompute
-    assert max(max_diff(grads[n], grads_recompute[n]) for n in grads) <= 1e-7
+    (loss, grads), *recomputed = results
+    for loss_recompute, grads_recompute in recomputed:
+        assert loss == loss_recompute
+        assert max(max_diff(grads[n], grads_recompute[n]) for n in grads) <= 1e-7
 
 
 def test_bf16_policy_takes_a_step(dims):
