@@ -17,12 +17,14 @@ TP / PP / DP) the same way.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -108,9 +110,18 @@ def save_chunks(
     """
     writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1, sync_files=True)
     planner = _LazySavePlanner(chunks, resolve, objects or {})
-    dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+    with _no_process_group_warning():
+        dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
     torch.save({}, Path(checkpoint_dir) / "common.pt")
     (Path(checkpoint_dir) / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
+
+
+@contextlib.contextmanager
+def _no_process_group_warning() -> Iterator[None]:
+    # DCP warns that it runs without torch.distributed; that is the point here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 class _CachedReader(FileSystemReader):
@@ -187,7 +198,8 @@ class TorchDistReader:
         regions = {}
         for key, offset, shape in requests:
             regions[(key, tuple(offset))] = torch.empty(shape, dtype=self.dtype(key))
-        dcp.load({}, storage_reader=self._reader, planner=_RegionLoadPlanner(regions), no_dist=True)
+        with _no_process_group_warning():
+            dcp.load({}, storage_reader=self._reader, planner=_RegionLoadPlanner(regions), no_dist=True)
         return [regions[(key, tuple(offset))] for key, offset, _ in requests]
 
 

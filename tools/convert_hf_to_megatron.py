@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Convert a Hugging Face checkpoint (safetensors) to a megatron-core dist checkpoint (torch_dist).
+
+    python tools/convert_hf_to_megatron.py --hf-dir Qwen2.5-7B --output-dir ckpt/qwen2.5-7b-mcore
+
+The output loads at any tensor / pipeline / virtual pipeline layout
+(`model.megatron_checkpoint` in a run config). Tensors are converted and
+written one at a time (memory: about one tensor, whatever the model size),
+dtypes are kept, and the HF config / generation config / tokenizer files are
+stored in `<output-dir>/hf/` for the way back. Supported architectures:
+Qwen2ForCausalLM, LlamaForCausalLM, Qwen3ForCausalLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf-dir", required=True, help="HF model directory (config.json + *.safetensors)")
+    parser.add_argument("--output-dir", required=True, help="megatron checkpoint directory to create (must not exist"
+                        " or be empty)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*(torch.distributed is disabled|Transformer Engine and Apex).*")
+    try:
+        from megatron_gppo.checkpoint.convert import convert_hf_to_megatron
+
+        start = time.time()
+        out = convert_hf_to_megatron(args.hf_dir, args.output_dir, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} in {time.time() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
