@@ -122,7 +122,8 @@ def checkpoint_pieces(
     sharded state dict (its states must exist, e.g. after one step);
     `scheduler`: a plain dict.
     """
-    model = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+    # From the bare modules: through the DDP wrapper every key would gain a "module." prefix.
+    model = {f"model{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(chunks)}
     return {
         **model,
         # megatron-LM passes the same {"model0": ..., "model1": ...} dict (it maps params by identity).

@@ -108,6 +108,7 @@ class PolicyBatch:
 
 
 _FIELDS = ("tokens", "loss_mask", "advantages", "old_log_probs", "rollout_log_probs")
+_CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,7 +139,7 @@ class Policy:
         self.model = wrap_ddp(chunks, config=self.config, train=train)
         self.optimizer = build_optimizer(self.model, train=train, config=self.config)
         self.scheduler = build_scheduler(self.optimizer, train=train)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else _CPU
 
     @property
     def chunks(self) -> list[PolicyGPTModel]:
@@ -293,7 +294,8 @@ class Policy:
             # attention_mask=None: the layers' causal mask type builds it.
             # [s, b, h] hidden states ([s/TP, b, h] under sequence parallel).
             hidden = model(mb.tokens, positions, None)
-            return hidden, partial(loss_func, mb=mb, chunk=get_attr_wrapped_model(model, "output_weight", return_model_obj=True))
+            chunk = get_attr_wrapped_model(model, "output_weight", return_model_obj=True)
+            return hidden, partial(loss_func, mb=mb, chunk=chunk)
 
         # Each model chunk walks the micro-batches in order with its own iterator.
         iterators = [iter(micro_batches) for _ in self.model]

@@ -41,7 +41,7 @@ def unfused_vocab_parallel_log_probs(
     del chunk_size
     tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
     if tp_group is not None:
-        assert tp_group == parallel_state.get_tensor_model_parallel_group(), "megatron's cross entropy uses mpu's TP group"
+        assert tp_group == parallel_state.get_tensor_model_parallel_group(), "megatron's CE uses mpu's TP group"
         # Identity forward; all-reduces the hidden gradient (each rank only sees its vocab slice).
         hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=tp_group)
     logits = (hidden.float() @ weight.float().t()) / temperature  # [tokens, vocab/TP]

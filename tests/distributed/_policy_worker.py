@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 from pathlib import Path
 
@@ -182,11 +181,11 @@ def run_layouts(rank: int, world_size: int, port: int, names: list[str], ref_pat
             "metrics": max(abs(metrics[k] - ref["metrics"][k]) for k in ref["metrics"]),
         }
         params = dict(p for chunk in policy.model for p in _named(chunk))
-        if not policy.dims.dp > 1 or not train_fields.get("distributed_optimizer"):
+        if not train_fields.get("distributed_optimizer"):
             # (With the distributed optimizer each rank's grad buffer is only reduced on its own shard.)
             diffs["grads"] = max(
-                _max_diff(grads[key], shard_like(params[key], ref["grads"][key], name=key, tp_rank=tp_rank, tp_size=tp))
-                for key in grads)
+                _max_diff(grads[k], shard_like(params[k], ref["grads"][k], name=k, tp_rank=tp_rank, tp_size=tp))
+                for k in grads)
         if name == "tp2":
             # The unfused reference log-prob path must give the same RL loss and gradients.
             _, _, loss_unfused, _, grads_unfused = _step(policy, batch, fused=False)

@@ -18,7 +18,8 @@ QWEN2_0_5B = {  # Qwen2.5-0.5B's config.json (the fields read)
 
 
 def dims(world_size: int, **parallel) -> ParallelDims:
-    return build_parallel_dims(ParallelConfig(**parallel), world_size=world_size, arch=ModelArch.from_hf_config(QWEN2_0_5B))
+    arch = ModelArch.from_hf_config(QWEN2_0_5B)
+    return build_parallel_dims(ParallelConfig(**parallel), world_size=world_size, arch=arch)
 
 
 def error(world_size: int, **parallel) -> str:

@@ -190,3 +190,34 @@ def test_other_families_match_hugging_face(dims, name):
     log_probs, entropy = policy.compute_log_probs(batch, temperature=TEMPERATURE, micro_batch_size=3)
     assert max_diff(log_probs, ref_log_probs * batch.loss_mask) <= TOLERANCE
     assert max_diff(entropy, ref_entropy * batch.loss_mask) <= TOLERANCE
+
+
+def test_lr_schedule_warms_up_then_decays():
+    from megatron_gppo.model.optimizer import build_scheduler
+
+    class StubOptimizer:
+        param_groups = [{}]
+
+    train = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=4, max_steps=10, lr_schedule="cosine")
+    scheduler = build_scheduler(StubOptimizer(), train=train)
+    lrs = []
+    for _ in range(12):
+        scheduler.step(increment=1)  # what optimizer_step does before each optimizer step
+        lrs.append(StubOptimizer.param_groups[0]["lr"])
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # step 1 never runs at lr 0
+    assert all(a > b for a, b in zip(lrs[3:9], lrs[4:10]))
+    assert lrs[9:] == pytest.approx([1e-4] * 3)
+
+
+def test_checkpoint_pieces_after_a_step(dims):
+    from megatron_gppo.model.optimizer import checkpoint_pieces
+
+    policy = policy_like(hf_model("qwen2"), "qwen2", dims)
+    batch = make_batch()
+    batch = PolicyBatch(tokens=batch.tokens, loss_mask=batch.loss_mask, advantages=batch.advantages,
+                        old_log_probs=torch.full(batch.tokens.shape, -5.0) * batch.loss_mask)
+    policy.forward_backward_step(batch, loss_name="ce_gppo", micro_batch_size=3)
+    pieces = checkpoint_pieces(policy.model, policy.optimizer, policy.scheduler)
+    assert set(pieces) == {"model0", "optimizer", "scheduler"}
+    assert "decoder.layers.1.mlp.linear_fc1.weight" in pieces["model0"]
+    assert pieces["scheduler"]["num_steps"] == 1
