@@ -468,7 +468,8 @@ class RolloutServer:
     async def serve(self) -> None:
         """Serve until SIGTERM or SIGINT, then abort in-flight requests and close."""
         self.worker.start()
-        runner = web.AppRunner(self.build_app(), handle_signals=False, handler_cancellation=True, access_log=None)
+        runner = web.AppRunner(self.build_app(), handle_signals=False, handler_cancellation=True, access_log=None,
+                               shutdown_timeout=5.0)
         await runner.setup()
         site = web.TCPSite(runner, self.args.host, self.args.port)
         await site.start()
@@ -503,8 +504,18 @@ def _resolver(loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> Callab
     return on_done
 
 
+class _QuietMalformedHttp(logging.Filter):
+    """sglang-router probes workers with an HTTP/2 preface first; aiohttp logs each probe as an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import BadHttpMessage
+
+        return not (record.exc_info and isinstance(record.exc_info[1], BadHttpMessage))
+
+
 def run_server(args: ServerArgs) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.server").addFilter(_QuietMalformedHttp())
     server = RolloutServer(args)
     asyncio.run(server.serve())
 
