@@ -202,8 +202,10 @@ class RolloutServer:
             return await handler(request)
         except _BadRequest as err:
             return _error(400, str(err), control=control)
-        except web.HTTPException:
-            raise
+        except web.HTTPException as err:
+            if err.status < 400:
+                raise
+            return _error(err.status, f"{request.method} {request.path}: {err.reason}", control=control)
         except Exception as err:  # answer, log, keep serving
             logger.exception("%s %s failed", request.method, request.path)
             return _error(500, f"internal error: {err}", control=control)

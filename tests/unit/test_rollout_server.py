@@ -96,6 +96,13 @@ def test_bad_input_gets_400_json_and_the_server_keeps_serving(server, path, data
     assert ok.status_code == 200 and ok.json()["meta_info"]["completion_tokens"] <= 2
 
 
+def test_unknown_paths_and_methods_answer_json(server):
+    response = requests.get(f"{server}/no_such_endpoint", headers=AUTH, timeout=10)
+    assert response.status_code == 404 and "message" in response.json()["error"]
+    response = requests.get(f"{server}/update_weights_from_disk", headers=AUTH, timeout=10)
+    assert response.status_code == 405 and response.json()["success"] is False
+
+
 def test_info_and_control_endpoints(server):
     for path in ("/get_model_info", "/model_info"):
         info = requests.get(f"{server}{path}", headers=AUTH, timeout=10).json()
