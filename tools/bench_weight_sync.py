@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--intermediate-size", type=int, default=2048)
     parser.add_argument("--num-servers", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="timed syncs per method, after one warm-up")
-    parser.add_argument("--bucket-mb", type=int, nargs="+", default=[512, 64], help="bucket sizes for the bucketed runs")
+    parser.add_argument("--bucket-mb", type=int, nargs="+", default=[512, 64],
+                        help="bucket sizes of the bucketed runs (MiB)")
     parser.add_argument("--work-dir", default="", help="where the model and dumps go (default: a temporary directory)")
     args = parser.parse_args(argv)
 
@@ -58,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     num_params = sum(t.numel() for _, t in named)
     num_bytes = sum(t.numel() * t.element_size() for _, t in named)
 
-    methods = {f"distributed_bucketed_{mb}MiB": (lambda c, mb=mb: DistributedWeightSync(client=c, bucket_bytes=mb * MiB))
-               for mb in args.bucket_mb}
+    methods = {f"distributed_bucketed_{mb}MiB":
+               (lambda c, mb=mb: DistributedWeightSync(client=c, bucket_bytes=mb * MiB)) for mb in args.bucket_mb}
     methods["distributed_per_tensor"] = lambda c: DistributedWeightSync(client=c, bucket_bytes=1)
     methods["disk"] = lambda c: DiskWeightSync(client=c, output_dir=work / "dumps")
 

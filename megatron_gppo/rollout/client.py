@@ -263,25 +263,25 @@ class SGLangClient:
             url = await pool.acquire(deadline=time.monotonic() + self.request_timeout_s)
             in_flight[rid] = url
             try:
-                answer = await self._post_generate(session, url, payload)
-                return answer, url
+                return await self._post_generate(session, url, payload), url
             except _Retryable as err:
-                failures += 1
-                if err.server_down:
-                    pool.mark_down(url)
-                elif isinstance(err.__cause__, asyncio.TimeoutError):
-                    asyncio.ensure_future(self._abort_rids(session, {rid: url}))
-                if failures > self.max_retries:
-                    raise RolloutError(f"request {rid} failed {failures} times; last error from {url}: {err}") from None
-                stats.retries += 1
-                logger.debug("retrying %s after %s", rid, err)
-                # Failing over to another live server needs no wait; retrying the same one does.
-                if not (err.server_down and pool.live()):
-                    delay = min(self.backoff_s * 2 ** (failures - 1), _MAX_BACKOFF_S)
-                    await asyncio.sleep(delay * (0.5 + random.random()))
+                error = err
             finally:
                 pool.release(url)
                 in_flight.pop(rid, None)
+            failures += 1
+            if error.server_down:
+                pool.mark_down(url)
+            elif isinstance(error.__cause__, asyncio.TimeoutError):  # it may still be generating there
+                await self._abort_rids(session, {rid: url})
+            if failures > self.max_retries:
+                raise RolloutError(f"request {rid} failed {failures} times; last error from {url}: {error}")
+            stats.retries += 1
+            logger.debug("retrying %s after %s", rid, error)
+            # Failing over to another live server needs no wait; retrying the same one does.
+            if not (error.server_down and pool.live()):
+                delay = min(self.backoff_s * 2 ** (failures - 1), _MAX_BACKOFF_S)
+                await asyncio.sleep(delay * (0.5 + random.random()))
 
     async def _post_generate(self, session: aiohttp.ClientSession, url: str, payload: dict) -> Any:
         import aiohttp
@@ -293,9 +293,8 @@ class SGLangClient:
                 if response.status >= 400:
                     raise ValueError(f"{url}/generate answered HTTP {response.status}: {(await response.text())[:500]}")
                 return await response.json(content_type=None)
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
-            raise _Retryable(f"{type(err).__name__}: {err}", server_down=True) from err
-        except (aiohttp.ClientPayloadError, aiohttp.ClientResponseError) as err:
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
+                aiohttp.ClientPayloadError) as err:  # refused, reset, or cut off mid-answer: the server is gone
             raise _Retryable(f"{type(err).__name__}: {err}", server_down=True) from err
         except asyncio.TimeoutError as err:
             raise _Retryable(f"no answer within {self.request_timeout_s}s") from err

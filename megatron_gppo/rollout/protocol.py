@@ -261,7 +261,8 @@ def build_response(seq: SequenceRequest, result: SequenceResult, *, token_text=N
     }
     if seq.return_logprob:
         meta["input_token_logprobs"] = []
-        meta["output_token_logprobs"] = [[lp, t, text_of(t)] for lp, t in zip(result.output_logprobs, result.output_ids)]
+        meta["output_token_logprobs"] = [[lp, t, text_of(t)]
+                                         for lp, t in zip(result.output_logprobs, result.output_ids)]
         if seq.top_logprobs_num:
             meta["input_top_logprobs"] = []
             meta["output_top_logprobs"] = [[[v, t, text_of(t)] for v, t in zip(values, ids)]

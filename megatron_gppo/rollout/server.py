@@ -279,7 +279,8 @@ class RolloutServer:
     async def server_info(self, request: web.Request) -> web.Response:
         info = {k: v for k, v in asdict(self.args).items() if k != "api_key"}
         info.update(
-            port=int(self.url.rsplit(":", 1)[1]) if self.url else self.args.port, tp_size=1, dp_size=1, pp_size=1, context_length=self.parse_ctx.context_length,
+            port=int(self.url.rsplit(":", 1)[1]) if self.url else self.args.port,
+            tp_size=1, dp_size=1, pp_size=1, context_length=self.parse_ctx.context_length,
             weight_version=self.generator.weight_version, version=SERVER_VERSION, url=self.url,
             internal_states=[{
                 "num_running_reqs": self.generator.num_running, "num_waiting_reqs": self.generator.num_waiting,

@@ -70,7 +70,8 @@ def receive_bucket(*, names: list[str], dtypes: list[str], shapes: list[list[int
 
     if not (len(names) == len(dtypes) == len(shapes)):
         raise ValueError(f"names, dtypes and shapes differ in length: {len(names)}, {len(dtypes)}, {len(shapes)}")
-    tensors = [torch.empty([int(d) for d in shape], dtype=dtype_from_name(dtype)) for dtype, shape in zip(dtypes, shapes)]
+    tensors = [torch.empty([int(d) for d in shape], dtype=dtype_from_name(dtype))
+               for dtype, shape in zip(dtypes, shapes)]
     broadcast_from_trainer(tensors, group=group)
     return list(zip(names, tensors))
 

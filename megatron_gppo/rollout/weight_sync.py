@@ -204,7 +204,7 @@ class DistributedWeightSync:
             # The servers block in the broadcast until we send, so post first and broadcast while they wait.
             futures = self.client.request_each("/update_weights_from_distributed", payload)
             try:
-                _beside_servers(lambda: broadcast_from_trainer(tensors, group=self.group), futures)
+                _beside_servers(lambda tensors=tensors: broadcast_from_trainer(tensors, group=self.group), futures)
             except WeightSyncError as err:
                 if not err.group_usable:
                     # Stuck in a half-done collective (its thread ends at the group's timeout):

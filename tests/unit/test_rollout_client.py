@@ -17,13 +17,16 @@ from tests._tiny_models import save_test_model
 class FakeServer:
     """An in-process SGLang look-alike: answers /generate with 2 tokens, failing the first tries per rid."""
 
-    def __init__(self, *, fail_first: int = 0, fail_status: int = 503, api_key: str = "") -> None:
+    def __init__(self, *, fail_first: int = 0, fail_status: int = 503, api_key: str = "", stall_first: int = 0) -> None:
         from aiohttp import web
 
         self.fail_first, self.fail_status, self.api_key = fail_first, fail_status, api_key
+        self.stall_first = stall_first
         self.attempts: Counter = Counter()
+        self.aborted: list = []
         app = web.Application()
         app.router.add_post("/generate", self._generate)
+        app.router.add_post("/abort_request", self._abort)
         app.router.add_get("/health", self._health)
         self._runner = web.AppRunner(app)
         self._loop = asyncio.new_event_loop()
@@ -46,6 +49,12 @@ class FakeServer:
 
         return web.Response()
 
+    async def _abort(self, request):
+        from aiohttp import web
+
+        self.aborted.append((await request.json())["rid"])
+        return web.Response()
+
     async def _generate(self, request):
         from aiohttp import web
 
@@ -56,6 +65,8 @@ class FakeServer:
         self.attempts[rid] += 1
         if self.attempts[rid] <= self.fail_first:
             return web.json_response({"error": {"message": "busy"}}, status=self.fail_status)
+        if self.attempts[rid] <= self.stall_first:
+            await asyncio.sleep(30)
         if body["sampling_params"].get("top_k") == 0:
             return web.json_response({"error": {"message": "top_k must be -1 or >= 1"}}, status=400)
         tokens = [len(body["input_ids"]), 7]
@@ -103,6 +114,13 @@ def test_5xx_is_retried_with_backoff_then_gives_up(fake):
     client = SGLangClient(server_urls=[stubborn.url], max_retries=1, backoff_s=0.01, progress=False)
     with pytest.raises(RolloutError, match="failed 2 times"):
         client.generate([[1]], sampling=SamplingParams(max_new_tokens=2))
+
+
+def test_timeout_aborts_the_request_and_retries(fake):
+    server = fake(stall_first=1)
+    client = SGLangClient(server_urls=[server.url], request_timeout_s=0.5, backoff_s=0.01, progress=False)
+    (sample,) = client.generate([[1]], sampling=SamplingParams(max_new_tokens=2))[0:1][0]
+    assert client.last_stats.retries == 1 and server.aborted == [sample.metadata["rid"]]
 
 
 def test_4xx_fails_at_once_and_api_key_is_sent(fake):
