@@ -201,11 +201,48 @@ def _set_rng_states(states: dict[str, Any]) -> None:
     get_cuda_rng_tracker().set_states(states["tracker"])
 
 
+def _init_optimizer_states(optimizer) -> None:
+    """Give a fresh optimizer (no step taken) zero Adam states, which a checkpoint load then overwrites.
+
+    megatron's distributed optimizer builds its sharded state dict from the
+    existing states (and their `step`), so they must exist before loading.
+    """
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if inner is None or all(inner.state.get(p) for g in inner.param_groups for p in g["params"]):
+            continue
+        if getattr(sub, "init_state_fn", None) is not None:
+            sub.init_state_fn(inner, sub.config)
+        for group in inner.param_groups:
+            for param in group["params"]:
+                inner.state[param].setdefault("step", torch.tensor(0.0))
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Give every parameter its own Adam `step`, equal to its param group's, after a load.
+
+    Without apex / TE, megatron's distributed optimizer restores `step` from
+    the param groups into one tensor shared by all parameters, then copies
+    the template's per-parameter `step` over it; torch's Adam would then also
+    increment the shared tensor once per parameter.
+    """
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        for group in getattr(inner, "param_groups", []):
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                if "step" in inner.state.get(param, {}):
+                    inner.state[param]["step"] = torch.tensor(float(group["step"]))
+
+
 def _state_pieces(model: list[torch.nn.Module], optimizer, *, is_loading: bool) -> dict[str, Any]:
     from megatron_gppo.checkpoint.live import model_sharded_state_dict
 
     pieces = model_sharded_state_dict(model)
     if optimizer is not None:
+        if is_loading:
+            _init_optimizer_states(optimizer)
         # The optimizer maps its states to the model's sharded tensors by parameter identity.
         pieces["optimizer"] = optimizer.sharded_state_dict(pieces, is_loading=is_loading, metadata=_OPTIMIZER_METADATA)
     return pieces
@@ -326,6 +363,7 @@ def load_training_checkpoint(
             chunk.load_state_dict(loaded[f"model{index}"], strict=True)
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
+            _restore_adam_steps(optimizer)
     if scheduler is not None:
         if "scheduler" not in loaded:
             raise ValueError(f"{path} has no scheduler state")
