@@ -6,6 +6,9 @@ every server reports the new weight version.
 """
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,3 +140,15 @@ def test_a_group_left_on_the_servers_is_replaced(client, original):
         assert_served_by(client, original, version="default")
     finally:
         fresh.close()
+
+
+def test_sync_from_rank_0_of_a_training_group(client, original, model_dir):
+    """The trainer already has its default (Megatron) group; the weight-update group lives beside it."""
+    worker = Path(__file__).with_name("_weight_sync_worker.py")
+    url = client.server_urls[0]
+    result = subprocess.run([sys.executable, str(worker), url, str(model_dir)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "OK w2" in result.stdout, result.stderr[-3000:]
+    restore = DistributedWeightSync(client=client, bucket_bytes=1 << 30)
+    restore.sync(original.named_parameters(), version="default")
+    restore.close()
