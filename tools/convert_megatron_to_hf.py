@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", required=True, help="HF model directory to create (must not exist or be empty)")
     parser.add_argument("--hf-config", default=None,
                         help="directory with the HF config.json / tokenizer (default: <checkpoint>/hf)")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
+    parser.add_argument("--max-shard-size", default="5GB",
+                        help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="cast every tensor (default: keep the stored dtypes)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -9,8 +9,8 @@ it because DCP reads the overlap of the chunks it wants with the chunks stored.
 
 `save_chunks` writes such a checkpoint through DCP with a planner whose
 `resolve_data` produces each chunk only when the writer asks for it (one
-thread, one file), so memory stays at about one tensor: a 70B model converts
-on a machine with a few GB of RAM. `TorchDistReader` reads any region of any
+thread, one file per chunk), so memory stays at about one tensor: a 70B
+model converts on a machine with a few GB of RAM beyond its largest tensor. `TorchDistReader` reads any region of any
 stored tensor (a converted checkpoint or a training checkpoint saved at any
 TP / PP / DP) the same way.
 """
@@ -108,7 +108,8 @@ def save_chunks(
     return a tensor of exactly `chunk.shape` and `chunk.dtype`. The directory
     must exist.
     """
-    writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1, sync_files=True)
+    # One file per chunk: torch's writer keeps every tensor of a file alive until the file is closed.
+    writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=False, thread_count=1, sync_files=True)
     planner = _LazySavePlanner(chunks, resolve, objects or {})
     with _no_process_group_warning():
         dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)

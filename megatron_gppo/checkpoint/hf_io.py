@@ -156,7 +156,9 @@ class ShardedSafetensorsWriter:
     """Write tensors one at a time into size-capped safetensors shards plus an index.
 
     A shard holds at least one tensor, so a tensor larger than the cap gets a
-    shard of its own. Tensors are written as given (dtype, values).
+    shard of its own. Tensors are written as given (dtype, values); a tensor
+    that owns its whole storage is kept by reference until its shard is
+    written (do not modify it in place meanwhile), views are copied.
     """
 
     def __init__(self, output_dir: str | os.PathLike, *, max_shard_bytes: int):
@@ -174,8 +176,11 @@ class ShardedSafetensorsWriter:
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self._flush()
-        # A copy: safetensors refuses tensors that share storage (views of one fused tensor).
-        self._pending[name] = tensor.detach().clone(memory_format=torch.contiguous_format)
+        tensor = tensor.detach()
+        if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != size:
+            # safetensors refuses tensors that share storage (views of one fused tensor): copy views.
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        self._pending[name] = tensor
         self._pending_bytes += size
         self._total_bytes += size
 

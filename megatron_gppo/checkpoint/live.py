@@ -35,8 +35,11 @@ def _bare(chunk: torch.nn.Module) -> torch.nn.Module:
 
 def enable_checkpoint_cpu_compat() -> None:
     """Cover megatron's lazily imported checkpoint strategies with the CPU compatibility layer."""
-    import megatron.core.dist_checkpointing.strategies.filesystem_async  # noqa: F401
-    import megatron.core.dist_checkpointing.strategies.torch  # noqa: F401
+    import importlib
+
+    # Imported lazily by megatron, so the first enable_cpu_compat() may not have covered them.
+    for name in ("filesystem_async", "torch"):
+        importlib.import_module(f"megatron.core.dist_checkpointing.strategies.{name}")
 
     from megatron_gppo.model.cpu_compat import enable_cpu_compat
 

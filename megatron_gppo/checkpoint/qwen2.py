@@ -44,7 +44,9 @@ MAPPING = FamilyMapping(
 )
 
 
-def hf_to_megatron(hf: Mapping[str, torch.Tensor], *, arch: ModelArch, te_names: bool = False) -> dict[str, torch.Tensor]:
+def hf_to_megatron(
+    hf: Mapping[str, torch.Tensor], *, arch: ModelArch, te_names: bool = False
+) -> dict[str, torch.Tensor]:
     """Full megatron state dict (local-spec norm names unless `te_names`) from a HF Qwen2 one."""
     return mapping.hf_to_megatron(MAPPING, hf, arch=arch, te_names=te_names)
 

@@ -139,7 +139,8 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 def run_dp1(rank: int, port: int, root: str) -> None:
-    from megatron_gppo.checkpoint.training import find_latest, load_training_checkpoint, resume, save_training_checkpoint
+    from megatron_gppo.checkpoint.training import (find_latest, load_training_checkpoint, resume,
+                                                   save_training_checkpoint)
     from megatron_gppo.model.parallel import destroy_distributed
 
     root_path = Path(root)

@@ -68,7 +68,8 @@ def test_local_and_canonical_norm_names():
     local = "decoder.layers.3.input_layernorm.weight"
     assert canonical_name(local) == "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight"
     assert local_spec_name(canonical_name(local)) == local
-    assert canonical_name("decoder.layers.1.pre_mlp_layernorm.weight") == "decoder.layers.1.mlp.linear_fc1.layer_norm_weight"
+    fc1_norm = "decoder.layers.1.mlp.linear_fc1.layer_norm_weight"
+    assert canonical_name("decoder.layers.1.pre_mlp_layernorm.weight") == fc1_norm
 
 
 @pytest.mark.parametrize("architecture", sorted(MAPPINGS))
