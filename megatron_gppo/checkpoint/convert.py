@@ -190,14 +190,17 @@ def iter_checkpoint_hf_tensors(
     for layer, group in iter_layer_groups(family.bound_maps(arch)):
         requests = []
         for m in group:
-            shape = reader.shape(m.checkpoint_key)
+            # Saved through a DDP wrapper, megatron prefixes every key with "module.".
+            key = m.checkpoint_key
+            if key not in reader.tensors and f"module.{key}" in reader.tensors:
+                key = f"module.{key}"
+            shape = reader.shape(key)
             if m.layer is None:
-                requests.append((m.checkpoint_key, (0,) * len(shape), shape))
+                requests.append((key, (0,) * len(shape), shape))
             else:
                 if shape[0] != arch.num_layers:
-                    raise ValueError(f"checkpoint has {shape[0]} layers in {m.checkpoint_key}, the HF config"
-                                     f" {arch.num_layers}")
-                requests.append((m.checkpoint_key, (layer,) + (0,) * (len(shape) - 1), (1, *shape[1:])))
+                    raise ValueError(f"checkpoint has {shape[0]} layers in {key}, the HF config {arch.num_layers}")
+                requests.append((key, (layer,) + (0,) * (len(shape) - 1), (1, *shape[1:])))
         for m, tensor in zip(group, reader.read(requests)):
             if m.layer is not None:
                 tensor = tensor[0]

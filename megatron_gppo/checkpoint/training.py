@@ -242,8 +242,8 @@ def _state_pieces(model: list[torch.nn.Module], optimizer, *, is_loading: bool) 
 
     pieces = model_sharded_state_dict(model)
     if optimizer is not None:
-        if is_loading:
-            _init_optimizer_states(optimizer)
+        # Before any step (a save at step 0, or a load) the states do not exist yet.
+        _init_optimizer_states(optimizer)
         # The optimizer maps its states to the model's sharded tensors by parameter identity.
         pieces["optimizer"] = optimizer.sharded_state_dict(pieces, is_loading=is_loading, metadata=_OPTIMIZER_METADATA)
     return pieces
