@@ -94,8 +94,32 @@ def _check_tensor_names(weights: HFWeights, family: FamilyMapping, arch: ModelAr
                          f" {family.architecture} mapping (unsupported variant?)")
 
 
-def hf_checkpoint_chunks(weights: HFWeights, maps: list[BoundMap], *, num_layers: int) -> list[tuple[Chunk, BoundMap]]:
-    """The TP=1 chunk of every megatron tensor, with shapes and dtypes from the HF headers (nothing read)."""
+def _expected_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
+    """Megatron tensor shapes implied by config.json (layer tensors by their layer-relative name)."""
+    h, d, heads = arch.hidden_size, arch.head_dim, arch.num_attention_heads
+    qkv = (heads + 2 * arch.num_query_groups) * d
+    return {
+        "embedding.word_embeddings.weight": (arch.vocab_size, h),
+        "output_layer.weight": (arch.vocab_size, h),
+        "decoder.final_layernorm.weight": (h,),
+        "self_attention.linear_qkv.layer_norm_weight": (h,),
+        "self_attention.linear_qkv.weight": (qkv, h),
+        "self_attention.linear_qkv.bias": (qkv,),
+        "self_attention.q_layernorm.weight": (d,),
+        "self_attention.k_layernorm.weight": (d,),
+        "self_attention.linear_proj.weight": (h, heads * d),
+        "mlp.linear_fc1.layer_norm_weight": (h,),
+        "mlp.linear_fc1.weight": (2 * arch.ffn_hidden_size, h),
+        "mlp.linear_fc2.weight": (h, arch.ffn_hidden_size),
+    }
+
+
+def hf_checkpoint_chunks(weights: HFWeights, maps: list[BoundMap], *, arch: ModelArch) -> list[tuple[Chunk, BoundMap]]:
+    """The TP=1 chunk of every megatron tensor, with shapes and dtypes from the HF headers (nothing read).
+
+    Raises ValueError when a tensor's shape does not match config.json.
+    """
+    num_layers = arch.num_layers
     chunks = []
     for m in maps:
         headers = [weights.header(name) for name in m.hf]
@@ -108,6 +132,10 @@ def hf_checkpoint_chunks(weights: HFWeights, maps: list[BoundMap], *, num_layers
             shape = (sum(s[0] for s in shapes), *shapes[0][1:])
         else:
             shape = shapes[0]
+        expected = _expected_shapes(arch).get(m.checkpoint_key.removeprefix(CHECKPOINT_LAYER))
+        if expected is not None and shape != expected:
+            raise ValueError(f"{m.hf[0]}: shape {list(shapes[0])} does not match config.json"
+                             f" ({m.megatron} should be {list(expected)}, got {list(shape)})")
         if m.layer is None:
             chunk = Chunk(m.checkpoint_key, shape, (0,) * len(shape), shape, dtype)
         else:
@@ -148,7 +176,7 @@ def convert_hf_to_megatron(hf_dir: str | os.PathLike, output_dir: str | os.PathL
     arch = ModelArch.from_hf_config(config)
     with HFWeights(hf_dir) as weights:
         _check_tensor_names(weights, family, arch)
-        chunks = hf_checkpoint_chunks(weights, family.bound_maps(arch), num_layers=arch.num_layers)
+        chunks = hf_checkpoint_chunks(weights, family.bound_maps(arch), arch=arch)
         maps = {(c.key, c.offset): m for c, m in chunks}
         tmp = _fresh_output(output_dir)
         try:

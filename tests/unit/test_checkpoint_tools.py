@@ -86,6 +86,14 @@ def test_bad_inputs(models, tmp_path, capsys):
         _assert_one_error_line(code, err, "is not a valid safetensors file")
     assert not Path(out).exists()
 
+    # Weights that do not match config.json.
+    mismatch = tmp_path / "mismatch"
+    mismatch.mkdir()
+    (mismatch / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    (mismatch / "model.safetensors").write_bytes(data)
+    code, err = _run("convert_hf_to_megatron", ["--hf-dir", str(mismatch), "--output-dir", out], capsys)
+    _assert_one_error_line(code, err, "does not match config.json")
+
     # A layout that does not divide the model (4 heads, 2 KV heads, 4 layers).
     for flags, pattern in ((["--tp", "3"], "tensor_parallel=3 does not divide num_attention_heads=4"),
                            (["--pp", "3"], "pipeline_parallel=3 does not divide num_hidden_layers=4")):
