@@ -15,8 +15,11 @@ re-launches itself under `torch.distributed.run` on this machine. Rank 0
 prints one JSON object:
 
     tokens_per_s   trained tokens (prompt + response) per second, all data-parallel ranks
-    mfu            6 * params * tokens_per_s / (peak_flops_per_device * world_size)
-                   (the usual 6N estimate: no attention FLOPs, no recompute)
+    mfu            6 * params * tokens_per_s / (peak_flops_per_device * world_size),
+                   the usual 6N estimate (attention scores and recompute not counted)
+    mfu_matmul     the same with the FLOPs this step really multiplies: 6 x the
+                   transformer-layer params x all tokens + 6 x the output layer x the
+                   scored (response) tokens; the input embedding is a lookup
 
 `--peak-tflops` is the per-device peak; by default a table entry for known
 GPUs (bf16 dense) and, on CPU, the fp32 matmul throughput measured on this
@@ -66,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--steps", type=int, default=3, help="timed steps")
     run.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     run.add_argument("--peak-tflops", type=float, default=0.0, help="per-device peak; 0 picks a default")
+    run.add_argument("--threads", type=int, default=0,
+                     help="CPU threads per process (0: torch's default; several processes split the cores)")
     return parser.parse_args(argv)
 
 
@@ -91,11 +96,13 @@ def peak_flops(requested_tflops: float) -> tuple[float, str]:
             if key in name:
                 return tflops * 1e12, f"table ({key} bf16 dense)"
         return 989e12, f"table (unknown GPU {name!r}: H100 bf16 dense assumed)"
-    # CPU: best of a few 1024^3 fp32 matmuls on this process's threads.
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    # CPU: best of several 1536^3 fp32 matmuls on this process's threads (best-of, because
+    # other processes on a shared machine only ever slow a run down).
+    n = 1536
+    a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(5))
-    return 2 * 1024**3 / best, f"measured fp32 matmul ({torch.get_num_threads()} threads)"
+    best = min(_timed(lambda: a @ b) for _ in range(8))
+    return 2 * n**3 / best, f"measured fp32 matmul ({torch.get_num_threads()} threads)"
 
 
 def _timed(fn) -> float:
@@ -139,6 +146,8 @@ def bench(args) -> dict | None:
     from megatron_gppo.model.parallel import destroy_distributed, init_distributed
     from megatron_gppo.model.policy import Policy, PolicyBatch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     arch = ModelArch.from_hf_config(model_config(args))
     dims = init_distributed(
         ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp, virtual_pipeline=args.vpp,
@@ -175,6 +184,11 @@ def bench(args) -> dict | None:
     tokens_per_step = args.batch_size * args.seq_len * dims.dp
     step_time = statistics.mean(step_times)
     tokens_per_s = tokens_per_step / step_time
+    head_params = arch.vocab_size * arch.hidden_size
+    layer_params = arch.num_params - head_params * (1 if arch.tie_word_embeddings else 2)
+    scored_fraction = batch.loss_mask.float().mean().item()
+    flops_6n = 6 * arch.num_params * tokens_per_s
+    flops_matmul = 6 * (layer_params + head_params * scored_fraction) * tokens_per_s
     report = {
         "model": {"family": arch.family, "params": arch.num_params, "num_layers": arch.num_layers,
                   "hidden_size": arch.hidden_size, "num_heads": arch.num_attention_heads,
@@ -192,11 +206,11 @@ def bench(args) -> dict | None:
         "tokens_per_step": tokens_per_step,
         "tokens_per_s": round(tokens_per_s, 1),
         "logprob_tokens_per_s": round(tokens_per_step / min(logprob_times), 1),
-        "achieved_tflops_per_device": round(6 * arch.num_params * tokens_per_s / dims.world_size / 1e12, 4),
+        "achieved_tflops_per_device_6n": round(flops_6n / dims.world_size / 1e12, 4),
         "peak_tflops_per_device": round(peak / 1e12, 4),
         "peak_source": peak_source,
-        "mfu": round(6 * arch.num_params * tokens_per_s / (peak * dims.world_size), 4),
-        "flops_formula": "6 * params * tokens (no attention, no recompute)",
+        "mfu": round(flops_6n / (peak * dims.world_size), 4),
+        "mfu_matmul": round(flops_matmul / (peak * dims.world_size), 4),
         "last_loss": result.loss,
         "last_grad_norm": result.grad_norm,
     }
