@@ -4,7 +4,8 @@ The policy loss needs, per token, ``log p(label)`` and the entropy of the
 next-token distribution, where ``logits = hidden @ weight.T / temperature``.
 Materialising ``[tokens, vocab]`` logits (151,936 columns for Qwen2) costs
 gigabytes, so this op walks the logits in tiles of ``chunk_size`` tokens by
-``block_size`` vocab columns and never holds more than one tile:
+``block_size`` vocab columns and never holds more than one tile of logits
+(plus one work buffer of the same size):
 
 * forward: an online softmax over the vocab blocks keeps, per token, the
   running max ``m``, ``s = sum exp(z - m)`` and ``t = sum exp(z - m) (z - m)``,
@@ -47,12 +48,16 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-# Default tile: 1,024 tokens x 512 vocab columns, i.e. two 2 MiB fp32 work
-# buffers. Measured on CPU (2 cores, 2,048 x 896 x 151,936 fp32, forward +
-# backward): tiles of 256k-512k elements run at full matmul speed and keep the
-# per-tile elementwise work in cache; bigger tiles only add memory.
-TOKEN_CHUNK_SIZE = 1024
-VOCAB_BLOCK_SIZE = 512
+# Default tile (token chunk, vocab block) per device type; two fp32 tile-sized
+# work buffers are live at a time.
+# CPU, measured at 2,048 x 896 x 151,936 fp32 on 2 shared cores: the time is
+# GEMM-bound and flat from 256k to 4M elements per tile on an idle machine, but
+# when other processes compete for the cores every parallel op pays a thread
+# wake-up, and small tiles (1024 x 512) ran up to 4x slower than 2048 x 2048.
+# 2 x 16 MiB of buffers is ~6% of the 519 MiB weight gradient.
+# CUDA: not measured yet; big enough that each tile's GEMM outweighs its ~20
+# kernel launches (2 x 64 MiB of buffers).
+DEFAULT_TILE = {"cpu": (2048, 2048), "cuda": (4096, 4096)}
 
 # exp() of this is exactly 0 in fp32 and fp64. Rescale factors exp(m_old - m_new)
 # are computed from differences clamped to it, so a running max that is still
@@ -97,13 +102,13 @@ def vocab_parallel_log_probs(
             that get log-prob 0, entropy 0 and zero gradient.
         temperature: logits are ``hidden @ weight.T / temperature``.
         tp_group: tensor-parallel process group; ``None`` for one process.
-        chunk_size: tokens per tile (default ``TOKEN_CHUNK_SIZE``).
+        chunk_size: tokens per tile (default from ``DEFAULT_TILE``).
         with_entropy: also return the entropy (otherwise ``None``, and cheaper).
         vocab_size: true global vocab size; rows at or beyond it (megatron's
             vocab padding) are left out of the softmax and get zero gradient.
             Default: ``TP * weight.shape[0]``.
         ignore_index: label value of masked positions.
-        block_size: vocab rows per tile (default ``VOCAB_BLOCK_SIZE``).
+        block_size: vocab rows per tile (default from ``DEFAULT_TILE``).
 
     Returns:
         ``(log_probs, entropy)``, ``[tokens]`` each, fp32 (fp64 for fp64 inputs).
@@ -122,11 +127,14 @@ def vocab_parallel_log_probs(
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     if not hidden.device == weight.device == labels.device:
-        raise ValueError(f"hidden, weight and labels on different devices: {hidden.device}, {weight.device}, {labels.device}")
+        raise ValueError(
+            f"hidden, weight and labels on different devices: {hidden.device}, {weight.device}, {labels.device}"
+        )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    chunk_size = TOKEN_CHUNK_SIZE if chunk_size is None else chunk_size
-    block_size = VOCAB_BLOCK_SIZE if block_size is None else block_size
+    default_chunk, default_block = DEFAULT_TILE.get(hidden.device.type, DEFAULT_TILE["cpu"])
+    chunk_size = default_chunk if chunk_size is None else chunk_size
+    block_size = default_block if block_size is None else block_size
     if chunk_size < 1 or block_size < 1:
         raise ValueError(f"chunk_size and block_size must be >= 1, got {chunk_size} and {block_size}")
 

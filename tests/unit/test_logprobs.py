@@ -95,7 +95,7 @@ def test_ignore_index_gives_zero_outputs_and_zero_gradient():
     # The weight gradient is exactly what the unmasked tokens alone produce.
     keep = ~masked
     sub = [hidden.detach()[keep].requires_grad_(), weight, labels[keep], w_logp[keep], w_ent[keep]]
-    _, _, _, grad_weight_unmasked = outputs_and_grads(vocab_parallel_log_probs, *sub, chunk_size=CHUNK, block_size=BLOCK)
+    *_, grad_weight_unmasked = outputs_and_grads(vocab_parallel_log_probs, *sub, chunk_size=CHUNK, block_size=BLOCK)
     torch.testing.assert_close(grad_weight, grad_weight_unmasked, **FP32_TOL)
 
 
@@ -187,7 +187,9 @@ class _LargestTensor(TorchDispatchMode):
 def test_never_holds_more_than_a_tile_of_logits():
     hidden, weight, labels, w_logp, w_ent = make_inputs()
     with _LargestTensor() as mode:
-        outputs_and_grads(vocab_parallel_log_probs, hidden, weight, labels, w_logp, w_ent, chunk_size=CHUNK, block_size=BLOCK)
+        outputs_and_grads(
+            vocab_parallel_log_probs, hidden, weight, labels, w_logp, w_ent, chunk_size=CHUNK, block_size=BLOCK
+        )
     # Besides the gradients (shaped like hidden and weight), nothing exceeds a tile.
     others = [s for s in mode.shapes if s not in (tuple(hidden.shape), tuple(weight.shape))]
     largest = max(torch.Size(s).numel() for s in others)
