@@ -280,6 +280,9 @@ class DataConfig:
     answer_key: str = "answer"
     """Field holding the reference answer the reward checks against."""
 
+    response_key: str = "response"
+    """SFT only (`megatron-gppo sft`): field holding the target response."""
+
     prompt_template: Literal["auto", "chat", "plain"] = "auto"
     """auto: the tokenizer's chat template when it has one, else plain text."""
 

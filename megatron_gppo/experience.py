@@ -68,6 +68,11 @@ def collect_experience(
         kept += [group for group, keep_it in zip(groups, keep) if keep_it]
         generated += [s for g in groups for s in g]
         num_rounds += 1
+    num_kept = len(kept)
+    if not kept:
+        # Every group was uniform even after refilling: train on the last round,
+        # whose advantages are all zero, so the step still happens everywhere.
+        kept = groups
     samples = [s for group in kept for s in group]
     lengths = [s.response_length for s in generated]
     metrics = {
@@ -77,7 +82,7 @@ def collect_experience(
         "response_length_mean": sum(lengths) / len(lengths),
         "response_length_max": float(max(lengths)),
         "truncated_frac": sum(s.finish_reason == "length" for s in generated) / len(generated),
-        "num_groups_kept": float(len(kept)),
+        "num_groups_kept": float(num_kept),
         "num_rollout_rounds": float(num_rounds),
         "num_samples_generated": float(len(generated)),
     }

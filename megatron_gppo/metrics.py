@@ -19,7 +19,8 @@ from typing import Any
 from megatron_gppo.config import LoggingConfig
 
 # Shown in the progress line and the summary, in this order, when present.
-HEADLINE = ("reward_mean", "eval_accuracy", "entropy", "clip_frac_low", "clip_frac_high", "response_length_mean")
+HEADLINE = ("reward_mean", "eval_accuracy", "entropy", "clip_frac_low", "clip_frac_high", "response_length_mean",
+            "sft_loss")
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

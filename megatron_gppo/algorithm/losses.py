@@ -262,6 +262,21 @@ def gspo_token_loss(
     return TokenLoss(loss, clipped_low, clipped_high, torch.zeros_like(loss_mask))
 
 
+def sft_token_loss(
+    *,
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+) -> TokenLoss:
+    """Supervised fine-tuning: -log_prob of every target token (old log-probs and advantages unused).
+
+    Registered so SFT warm-ups run through the same policy forward-backward as RL.
+    """
+    no_clip = torch.zeros_like(loss_mask)
+    return TokenLoss(-log_probs, no_clip, no_clip, no_clip)
+
+
 POLICY_LOSSES: dict[str, Callable[..., TokenLoss]] = {
     "ce_gppo": ce_gppo_token_loss,
     "ppo": ppo_token_loss,
@@ -269,6 +284,7 @@ POLICY_LOSSES: dict[str, Callable[..., TokenLoss]] = {
     "dapo": dapo_token_loss,
     "cispo": cispo_token_loss,
     "gspo": gspo_token_loss,
+    "sft": sft_token_loss,
 }
 
 

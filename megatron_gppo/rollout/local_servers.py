@@ -21,6 +21,17 @@ from typing import Sequence
 _READY = re.compile(r"ready at (http://\S+)")
 
 
+# A server is no rank of the trainer's job: launcher variables it inherits
+# (torchrun's, Slurm's) would only confuse torch.distributed inside it.
+_LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                       "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _server_env() -> dict[str, str]:
+    return {key: value for key, value in os.environ.items()
+            if key not in _LAUNCHER_VARIABLES and not key.startswith(("TORCHELASTIC_", "TORCH_ELASTIC_"))}
+
+
 class LocalServers:
     """Start `num_servers` servers on `model_path`; use as a context manager or call `stop()`.
 
@@ -64,7 +75,7 @@ class LocalServers:
                     command += ["--api-key", self.api_key]
                 with open(log_path, "w") as log:
                     self.processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                                           stdin=subprocess.DEVNULL))
+                                                           stdin=subprocess.DEVNULL, env=_server_env()))
                 self.log_paths.append(log_path)
             self.urls = [self._wait_ready(i) for i in range(self.num_servers)]
         except BaseException:

@@ -20,17 +20,16 @@ import torch.distributed as dist
 def init_weight_update_group(*, master_address: str, master_port: int, rank: int, world_size: int,
                              group_name: str, backend: str, timeout_s: float = 600.0) -> dist.ProcessGroup:
     """Join (rank 0 creates) a standalone process group; blocks until all `world_size` ranks arrive."""
-    from torch.distributed.distributed_c10d import (Backend, PrefixStore, _new_process_group_helper, _world,
-                                                    rendezvous)
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
 
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"weight update backend must be 'gloo' or 'nccl', got {backend!r}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside a world of {world_size}")
     timeout = timedelta(seconds=timeout_s)
-    store, rank, world_size = next(rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size,
-                                              timeout=timeout))
-    store.set_timeout(timeout)
+    # An explicit store, not `rendezvous("tcp://...")`: under torchrun that helper sees
+    # TORCHELASTIC_USE_AGENT_STORE and makes rank 0 a client of a store nobody hosts.
+    store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout)
     store = PrefixStore(group_name, store)
     # The keyword for backend options was renamed across torch versions.
     options = "backend_options" if "backend_options" in inspect.signature(_new_process_group_helper).parameters \

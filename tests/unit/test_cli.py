@@ -17,7 +17,7 @@ def run_cli(*args, cwd=None):
 def test_help_lists_the_subcommands():
     result = run_cli("--help")
     assert result.returncode == 0
-    for name in ("train", "serve", "config"):
+    for name in ("train", "sft", "serve", "config"):
         assert name in result.stdout
 
 
@@ -41,16 +41,16 @@ def test_bad_config_exits_2_with_one_line(tmp_path, content, overrides, expected
     assert "Traceback" not in result.stderr
 
 
-def test_train_writes_the_resolved_config(tmp_path):
-    out = tmp_path / "run"
+def test_train_checks_inputs_before_starting_anything(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"train": {"max_steps": 3}}))
-    result = run_cli("train", path, f"train.output_dir={out}", "algorithm.beta1=0.25")
-    written = yaml.safe_load((out / "config.yaml").read_text())
-    assert written["algorithm"]["beta1"] == 0.25
-    assert written["train"]["output_dir"] == str(out)
-    assert written["train"]["max_steps"] == 3
-    assert result.returncode in (0, 1)
+    path.write_text(yaml.safe_dump({"train": {"max_steps": 3, "output_dir": str(tmp_path / "run")}}))
+    result = run_cli("train", path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "megatron-gppo train: error: config key 'model.hf_path' is empty"
+    result = run_cli("sft", path, f"model.hf_path={tmp_path / 'missing'}", f"data.train_path={path}")
+    assert result.returncode == 2
+    assert f"config key 'model.hf_path': {tmp_path / 'missing'} does not exist" in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_config_reference_is_a_markdown_table():

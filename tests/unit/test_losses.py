@@ -465,3 +465,14 @@ def test_bad_hparams_raise_one_line_value_error(name, hparams, match):
     with pytest.raises(ValueError, match=match) as error:
         compute_policy_loss(name, **inputs, **hparams)
     assert "\n" not in str(error.value)
+
+
+def test_sft_is_the_token_mean_negative_log_likelihood():
+    log_probs, old_log_probs, advantages, loss_mask, _, _ = random_batch(seed=11)
+    loss, metrics = compute_policy_loss("sft", log_probs=log_probs, old_log_probs=old_log_probs,
+                                        advantages=advantages, loss_mask=loss_mask)
+    expected = -log_probs[loss_mask].sum() / loss_mask.sum()
+    torch.testing.assert_close(loss, expected)
+    expected_grad = torch.where(loss_mask, -1.0 / loss_mask.sum(), 0.0).to(log_probs.dtype)
+    torch.testing.assert_close(grad_of(loss, log_probs), expected_grad)
+    assert metrics["clip_frac_low"] == metrics["clip_frac_high"] == 0.0

@@ -1,0 +1,62 @@
+"""Shared by `train` and `sft`: validate a run's config, then run it here or start its processes.
+
+Under torchrun or srun every process runs the job. Started by hand with a
+layout that needs several processes (e.g. `parallel.tensor_parallel=2` on a
+laptop), the command starts them itself through torchrun on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file, e.g. examples/configs/demo_cpu.yaml")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. train.max_steps=10")
+
+
+def launched_by_launcher() -> bool:
+    """True when torchrun or srun started this process as one rank of a job."""
+    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
+
+
+def check_paths(config) -> None:
+    """Every configured input exists (one line naming the key otherwise)."""
+    for key, path in (("model.hf_path", config.model.hf_path), ("data.train_path", config.data.train_path)):
+        if not path:
+            raise ValueError(f"config key '{key}' is empty")
+    for key, path in (("model.hf_path", config.model.hf_path), ("data.train_path", config.data.train_path),
+                      ("data.eval_path", config.data.eval_path),
+                      ("model.megatron_checkpoint", config.model.megatron_checkpoint)):
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"config key '{key}': {path} does not exist")
+
+
+def launch(args: argparse.Namespace, *, command: str, job: Callable) -> int:
+    """Load and check the config, validate the layout, then run `job(config)` in every process."""
+    from megatron_gppo.config import load_config
+    from megatron_gppo.model.arch import ModelArch
+    from megatron_gppo.model.parallel import ParallelDims, validate_layout
+
+    config = load_config(args.config, args.overrides)
+    check_paths(config)
+    arch = ModelArch.from_hf_config(config.model.hf_path)
+    if not launched_by_launcher():
+        parallel = config.parallel
+        num_processes = parallel.tensor_parallel * parallel.pipeline_parallel * max(parallel.data_parallel, 1)
+        # Fails here, before any process or model exists, if the layout cannot work.
+        validate_layout(ParallelDims.from_config(parallel, world_size=num_processes), arch)
+        if num_processes > 1:
+            torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        f"--nproc-per-node={num_processes}", "-m", "megatron_gppo.cli", command,
+                        args.config, *args.overrides]
+            print(f"starting {num_processes} local processes: {' '.join(torchrun[1:])}", file=sys.stderr)
+            return subprocess.call(torchrun)
+    job(config)
+    return 0

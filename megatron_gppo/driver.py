@@ -1,0 +1,190 @@
+"""Setting up a run: the policy on every rank, and the driver on rank 0.
+
+The driver owns everything that is not the Megatron model: prompts and their
+sampler, the rollout engine (local servers or SGLang URLs), the reward, the
+beta schedule and the logs. The trainer asks it for each step's batch
+(`plan_step`) and hands back the step's metrics (`finish_step`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_gppo.algorithm import make_beta_schedule
+from megatron_gppo.batching import pack_samples
+from megatron_gppo.config import RunConfig, save_config, to_dict
+from megatron_gppo.data import PromptSampler, load_prompts, render_prompt
+from megatron_gppo.experience import collect_experience, evaluate
+from megatron_gppo.metrics import MetricsLogger
+from megatron_gppo.model.arch import ModelArch
+
+
+def beta_schedule_from_config(config: RunConfig):
+    alg, sched = config.algorithm, config.algorithm.beta_schedule
+    start, after = (alg.beta1, alg.beta2), (sched.beta1_after, sched.beta2_after)
+    if sched.kind == "constant":
+        return make_beta_schedule("constant", beta1=alg.beta1, beta2=alg.beta2)
+    if sched.kind == "step":
+        return make_beta_schedule("step", switch_step=sched.switch_step, before=start, after=after)
+    if sched.kind == "linear":
+        return make_beta_schedule("linear", start_step=sched.switch_step, end_step=sched.switch_step + sched.ramp_steps,
+                                  start=start, end=after)
+    bounds = (sched.beta_min, sched.beta_max)
+    return make_beta_schedule("entropy_target", low=sched.entropy_low, high=sched.entropy_high, initial=start,
+                              step_size=sched.adjust_rate, beta1_bounds=bounds, beta2_bounds=bounds)
+
+
+def cpu_threads_per_process(config: RunConfig) -> int:
+    """Threads for each trainer process and local server on a CPU machine.
+
+    They share the cores; oversubscribing them was measured ~10x slower.
+    """
+    num_local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    num_servers = config.rollout.num_local_servers if config.rollout.backend == "local" else 0
+    return max(1, (os.cpu_count() or 1) // (num_local_ranks + num_servers))
+
+
+def setup_policy(config: RunConfig):
+    """Every rank: validate the layout, build the policy, load weights or resume.
+
+    Returns `(policy, arch, start_step, driver_state)`.
+    """
+    from megatron_gppo.checkpoint.convert import convert_hf_to_megatron
+    from megatron_gppo.checkpoint.live import load_megatron_weights
+    from megatron_gppo.checkpoint.training import resume
+    from megatron_gppo.model.parallel import init_distributed
+    from megatron_gppo.model.policy import Policy
+
+    if not config.model.hf_path:
+        raise ValueError("config key 'model.hf_path' is empty: point it at a Hugging Face model directory")
+    arch = ModelArch.from_hf_config(config.model.hf_path)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(cpu_threads_per_process(config))
+    dims = init_distributed(config.parallel, arch=arch, seed=config.train.seed)
+    policy = Policy(arch=arch, dims=dims, model=config.model, train=config.train)
+    state = resume(config.train.output_dir, model=policy.model, optimizer=policy.optimizer,
+                   scheduler=policy.scheduler) if config.checkpoint.resume else None
+    if state is not None:
+        return policy, arch, state.step, state.extra
+
+    weights_dir = Path(config.model.megatron_checkpoint) if config.model.megatron_checkpoint else None
+    if weights_dir is None:
+        # One conversion per run directory, then every rank loads its own shards.
+        weights_dir = Path(config.train.output_dir) / "initial_megatron"
+        if dist.get_rank() == 0 and not weights_dir.exists():
+            convert_hf_to_megatron(config.model.hf_path, weights_dir, progress=config.logging.progress)
+        dist.barrier()
+    load_megatron_weights(policy.chunks, weights_dir)
+    policy.optimizer.reload_model_params()
+    return policy, arch, 0, {}
+
+
+class Driver:
+    """Rank 0's side of the run: prompts, rollouts, rewards, betas, logs."""
+
+    def __init__(self, config: RunConfig, *, arch: ModelArch, start_step: int, extra: dict[str, Any]):
+        from transformers import AutoTokenizer
+
+        from megatron_gppo.reward.math import MathReward
+        from megatron_gppo.rollout.engine import SamplingParams
+        from megatron_gppo.rollout.sglang_engine import SGLangEngine
+
+        self.config = config
+        self.run_dir = Path(config.train.output_dir)
+        save_config(config, self.run_dir / "config.yaml")
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model.hf_path)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.train_prompts, self.train_ids = self._load(config.data.train_path, "data.train_path")
+        self.eval_prompts, self.eval_ids = (self._load(config.data.eval_path, "data.eval_path")
+                                            if config.data.eval_path else ([], []))
+        self.sampler = PromptSampler(len(self.train_prompts), seed=config.train.seed, shuffle=config.data.shuffle)
+        self.betas = beta_schedule_from_config(config)
+        if extra:
+            self.sampler.load_state_dict(extra["sampler"])
+            self.betas.load_state_dict(extra["beta_schedule"])
+        self.last_entropy = extra.get("last_entropy")
+        self.reward = MathReward(num_workers=config.reward.num_workers, timeout_s=config.reward.timeout_s,
+                                 format_penalty=config.reward.format_penalty)
+        self.sampling = SamplingParams.from_config(config.rollout)
+        self.eval_sampling = SamplingParams.from_config(config.rollout, temperature=config.train.eval_temperature)
+        self.logger = MetricsLogger(run_dir=self.run_dir, config=config.logging, run_config=to_dict(config),
+                                    max_steps=config.train.max_steps, start_step=start_step)
+        self.engine = SGLangEngine.from_config(config.rollout, model_path=config.model.hf_path,
+                                               work_dir=self.run_dir / "rollout", progress=False,
+                                               num_threads=cpu_threads_per_process(config))
+        self.pending_eval: dict[str, float] = {}
+
+    def _load(self, path: str, key: str) -> tuple[list, list[list[int]]]:
+        if not path:
+            raise ValueError(f"config key '{key}' is empty: point it at a .jsonl / .parquet / datasets path")
+        data = self.config.data
+        prompts = load_prompts(path, prompt_key=data.prompt_key, answer_key=data.answer_key)
+        plain = data.prompt_template == "plain" or not getattr(self.tokenizer, "chat_template", None)
+        kept, ids = [], []
+        for prompt in prompts:
+            text = render_prompt(prompt.text, tokenizer=self.tokenizer, template=data.prompt_template)
+            token_ids = self.tokenizer(text, add_special_tokens=plain)["input_ids"]
+            if len(token_ids) <= data.max_prompt_tokens:
+                kept.append(prompt)
+                ids.append(token_ids)
+        if not kept:
+            raise ValueError(f"{path}: every prompt is longer than data.max_prompt_tokens={data.max_prompt_tokens}")
+        if len(kept) < len(prompts):
+            print(f"{path}: skipped {len(prompts) - len(kept)} prompts longer than {data.max_prompt_tokens} tokens",
+                  file=sys.stderr)
+        return kept, ids
+
+    def plan_step(self, step: int):
+        from megatron_gppo.trainer import StepPlan
+
+        beta1, beta2 = self.betas.betas(step, entropy=self.last_entropy)
+        alg = self.config.algorithm
+        experience = collect_experience(
+            engine=self.engine, prompts=self.train_prompts, encoded_prompts=self.train_ids, sampler=self.sampler,
+            reward_fn=self.reward, sampling=self.sampling, num_groups=self.config.train.prompts_per_step,
+            group_size=self.config.rollout.num_samples_per_prompt, normalize_std=alg.normalize_advantage_std,
+            dynamic_sampling=alg.dynamic_sampling, max_refill_rounds=alg.max_refill_rounds,
+        )
+        metrics = {**experience.metrics, "beta1": beta1, "beta2": beta2}
+        return StepPlan(batch=pack_samples(experience.samples, pad_id=self.pad_id), beta1=beta1, beta2=beta2,
+                        metrics=metrics)
+
+    def maybe_evaluate(self, step: int, *, force: bool = False) -> dict[str, float]:
+        """Evaluate on the held-out prompts when due; step 0 is logged on its own."""
+        every = self.config.train.eval_every
+        due = force or step == self.config.train.max_steps or (every and step % every == 0)
+        if not self.eval_prompts or not due:
+            return {}
+        metrics = evaluate(engine=self.engine, prompts=self.eval_prompts, encoded_prompts=self.eval_ids,
+                           reward_fn=self.reward, sampling=self.eval_sampling,
+                           num_samples=self.config.train.eval_samples_per_prompt)
+        if step == 0:
+            self.logger.log(0, metrics)
+        return metrics
+
+    def finish_step(self, step: int, metrics: dict[str, float]) -> None:
+        metrics.update(self.maybe_evaluate(step))
+        self.last_entropy = metrics.get("entropy")
+        self.logger.log(step, metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict(), "beta_schedule": self.betas.state_dict(),
+                "last_entropy": self.last_entropy}
+
+    def close(self) -> None:
+        from megatron_gppo.plots import write_run_plots
+
+        try:
+            self.engine.close()
+            self.reward.close()
+        finally:
+            self.logger.close()
+            if self.config.logging.plots:
+                written = write_run_plots(self.run_dir)
+                print(f"plots: {', '.join(str(p) for p in written)}")

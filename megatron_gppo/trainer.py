@@ -1,0 +1,182 @@
+"""The CE-GPPO training loop.
+
+One step, on every rank of the job:
+
+    rollout -> reward -> group advantages -> dynamic sampling   (driver, rank 0)
+    -> broadcast the batch -> old log-prob recompute -> CE-GPPO update(s)
+    -> weight sync to the rollout servers -> metrics, eval, checkpoint
+
+The driver (global rank 0) owns the prompts, the rollout engine, the reward
+and the logs (`Driver` in driver.py); every rank holds its part of the Megatron
+policy. Restarted on the same `train.output_dir`, a run resumes from its
+latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_gppo.algorithm import combine_metrics
+from megatron_gppo.batching import RolloutTensors, minibatch_slices, shard_rows
+from megatron_gppo.config import RunConfig
+from megatron_gppo.model.policy import Policy, PolicyBatch
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepPlan:
+    """What the driver decides for one step and broadcasts to every rank."""
+
+    batch: RolloutTensors
+    beta1: float
+    beta2: float
+    metrics: dict[str, float]
+
+
+def loss_hparams(config: RunConfig, *, beta1: float, beta2: float) -> dict:
+    """Keyword arguments of `compute_policy_loss` for the configured loss (null keys keep its defaults)."""
+    alg = config.algorithm
+    hparams = {"aggregation": alg.aggregation, "entropy_coef": alg.entropy_coef, "nll_coef": alg.nll_coef}
+    if alg.tis_cap is not None:
+        hparams["tis_cap"] = alg.tis_cap
+    clip = {"eps_low": alg.eps_low, "eps_high": alg.eps_high}
+    if alg.loss in ("ce_gppo", "ppo", "grpo", "dapo"):
+        clip["dual_clip_c"] = alg.dual_clip_c
+    if alg.loss == "ce_gppo":
+        clip.update(beta1=beta1, beta2=beta2)
+    hparams.update({key: value for key, value in clip.items() if value is not None})
+    return hparams
+
+
+def _rank_rows(num_rows: int, *, num_minibatches: int, dp_rank: int, dp_size: int) -> tuple[list[int], list[slice]]:
+    """This DP rank's rows of every minibatch, and where each minibatch sits in that list."""
+    rows, segments = [], []
+    for minibatch in minibatch_slices(num_rows, num_minibatches):
+        mine = list(range(num_rows))[minibatch][shard_rows(minibatch.stop - minibatch.start, rank=dp_rank, world=dp_size)]
+        segments.append(slice(len(rows), len(rows) + len(mine)))
+        rows += mine
+    return rows, segments
+
+
+def _sum_over_dp(values: list[float], policy: Policy) -> list[float]:
+    from megatron.core import parallel_state
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=policy.device)
+    dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
+    return tensor.tolist()
+
+
+def rollout_mismatch(batch: PolicyBatch, *, train_log_probs: torch.Tensor, policy: Policy) -> dict[str, float]:
+    """How far the trainer's log-probs are from the rollout engine's on the same tokens (global over DP)."""
+    mask = batch.loss_mask.to(train_log_probs.device)
+    diff = (train_log_probs - batch.rollout_log_probs.to(train_log_probs.device))[mask]
+    # k3 estimator of KL(rollout || train): non-negative, low variance.
+    kl = (torch.exp(diff) - 1 - diff).sum()
+    total_abs, total_kl, count = _sum_over_dp([float(diff.abs().sum()), float(kl), float(mask.sum())], policy)
+    count = max(count, 1.0)
+    return {"rollout_logprob_abs_diff": total_abs / count, "rollout_kl": total_kl / count}
+
+
+def masked_mean_over_dp(values: torch.Tensor, mask: torch.Tensor, policy: Policy) -> float:
+    total, count = _sum_over_dp([float(values[mask].sum()), float(mask.sum())], policy)
+    return total / max(count, 1.0)
+
+
+def train_on_batch(policy: Policy, plan: StepPlan, *, config: RunConfig) -> dict[str, float]:
+    """Old log-prob recompute, then `num_epochs` x `num_minibatches` optimizer steps; returns metrics."""
+    from megatron.core import parallel_state
+
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    rows, segments = _rank_rows(plan.batch.num_rows, num_minibatches=config.train.num_minibatches,
+                                dp_rank=dp_rank, dp_size=dp_size)
+    mine = plan.batch.rows(torch.tensor(rows, dtype=torch.long))
+    temperature = config.rollout.temperature
+    micro_batch_size = config.train.micro_batch_size
+    scored = PolicyBatch(tokens=mine.tokens, loss_mask=mine.loss_mask, rollout_log_probs=mine.rollout_log_probs)
+
+    old_log_probs, entropy = policy.compute_log_probs(scored, temperature=temperature, micro_batch_size=micro_batch_size)
+    metrics = rollout_mismatch(scored, train_log_probs=old_log_probs, policy=policy)
+    metrics["entropy"] = masked_mean_over_dp(entropy, mine.loss_mask.to(entropy.device), policy)
+
+    full = PolicyBatch(tokens=mine.tokens, loss_mask=mine.loss_mask, advantages=mine.advantages,
+                       old_log_probs=old_log_probs.cpu(),
+                       rollout_log_probs=mine.rollout_log_probs if config.algorithm.tis_cap is not None else None)
+    hparams = loss_hparams(config, beta1=plan.beta1, beta2=plan.beta2)
+    updates = []
+    for _ in range(config.train.num_epochs):
+        for segment in segments:
+            result = policy.forward_backward_step(
+                full.rows(segment.start, segment.stop), loss_name=config.algorithm.loss, loss_hparams=hparams,
+                temperature=temperature, micro_batch_size=micro_batch_size,
+            )
+            updates.append(result)
+    update_metrics = combine_metrics(result.metrics for result in updates)
+    # The rollout-time entropy above is the policy's; the loss' own is measured mid-update.
+    update_metrics.pop("entropy", None)
+    metrics.update(update_metrics)
+    metrics.update(
+        loss=sum(r.loss for r in updates) / len(updates),
+        grad_norm=sum(r.grad_norm for r in updates) / len(updates),
+        lr=updates[-1].lr,
+        num_updates=float(len(updates)),
+    )
+    return metrics
+
+
+def broadcast_plan(plan: StepPlan | None) -> StepPlan:
+    """The driver's plan on every rank (pickled tensors; rollout batches are small next to weights)."""
+    box = [plan]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def run(config: RunConfig) -> None:
+    """Train until `train.max_steps`; the whole job calls this (torchrun, srun or one process)."""
+    from megatron_gppo.driver import Driver, setup_policy
+
+    policy, arch, start_step, extra = setup_policy(config)
+    driver = Driver(config, arch=arch, start_step=start_step, extra=extra) if dist.get_rank() == 0 else None
+    try:
+        # The servers start from the HF weights on disk; after a resume (or from a
+        # megatron checkpoint) they must get the policy's actual weights first.
+        driver_sync(policy, driver, arch=arch, version=f"step-{start_step}")
+        if driver is not None:
+            driver.maybe_evaluate(start_step, force=start_step == 0)
+        for step in range(start_step + 1, config.train.max_steps + 1):
+            started = time.monotonic()
+            plan = broadcast_plan(driver.plan_step(step) if driver is not None else None)
+            metrics = {**plan.metrics, **train_on_batch(policy, plan, config=config)}
+            driver_sync(policy, driver, arch=arch, version=f"step-{step}")
+            metrics["step_time_s"] = time.monotonic() - started
+            if driver is not None:
+                driver.finish_step(step, metrics)
+            if step == config.train.max_steps or (config.checkpoint.save_every and step % config.checkpoint.save_every == 0):
+                save(policy, driver, config=config, step=step)
+    finally:
+        if driver is not None:
+            driver.close()
+
+
+def driver_sync(policy: Policy, driver, *, arch, version: str) -> None:
+    """Stream the policy's weights, Hugging Face-named, to the rollout servers (collective over the job)."""
+    from megatron_gppo.checkpoint.live import iter_hf_tensors
+
+    tensors = iter_hf_tensors(policy.chunks, arch=arch, all_stages=True)
+    if driver is not None:
+        driver.engine.update_weights(tensors, version=version)
+    else:
+        for _ in tensors:  # take part in the gathers; only rank 0 sends
+            pass
+
+
+def save(policy: Policy, driver, *, config: RunConfig, step: int) -> None:
+    from megatron_gppo.checkpoint.training import save_training_checkpoint
+
+    save_training_checkpoint(
+        config.train.output_dir, step=step, model=policy.model, optimizer=policy.optimizer,
+        scheduler=policy.scheduler, extra=driver.state_dict() if driver is not None else {},
+        config=config, hf_dir=config.model.hf_path, keep_last=config.checkpoint.keep_last,
+    )
