@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -145,9 +146,11 @@ class Driver:
 
         beta1, beta2 = self.betas.betas(step, entropy=self.last_entropy)
         alg = self.config.algorithm
+        # Seeded per step, so a resumed run samples exactly what an uninterrupted one would.
+        sampling = replace(self.sampling, seed=self.config.train.seed * 1_000_033 + step)
         experience = collect_experience(
             engine=self.engine, prompts=self.train_prompts, encoded_prompts=self.train_ids, sampler=self.sampler,
-            reward_fn=self.reward, sampling=self.sampling, num_groups=self.config.train.prompts_per_step,
+            reward_fn=self.reward, sampling=sampling, num_groups=self.config.train.prompts_per_step,
             group_size=self.config.rollout.num_samples_per_prompt, normalize_std=alg.normalize_advantage_std,
             dynamic_sampling=alg.dynamic_sampling, max_refill_rounds=alg.max_refill_rounds,
         )
@@ -161,8 +164,9 @@ class Driver:
         due = force or step == self.config.train.max_steps or (every and step % every == 0)
         if not self.eval_prompts or not due:
             return {}
+        sampling = replace(self.eval_sampling, seed=self.config.train.seed * 1_000_033 + 500_009 + step)
         metrics = evaluate(engine=self.engine, prompts=self.eval_prompts, encoded_prompts=self.eval_ids,
-                           reward_fn=self.reward, sampling=self.eval_sampling,
+                           reward_fn=self.reward, sampling=sampling,
                            num_samples=self.config.train.eval_samples_per_prompt)
         if step == 0:
             self.logger.log(0, metrics)

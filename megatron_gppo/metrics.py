@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +76,7 @@ class MetricsLogger:
         """A stable wandb run id stored in the run directory, so resumes continue one run."""
         id_file = self.run_dir / "wandb_id"
         if not id_file.exists():
-            import wandb
-
-            id_file.write_text(wandb.util.generate_id())
+            id_file.write_text(uuid.uuid4().hex[:8])
         return id_file.read_text().strip()
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:

@@ -221,7 +221,9 @@ class SGLangClient:
                 pool = _ServerPool(self.generation_urls, lambda url: self._probe(session, url), stats)
 
                 async def run(group: int, sample: int) -> None:
-                    payload = generate_payload(prompt_ids=prompts[group], sampling_params=params,
+                    seed = sampling.request_seed(group, sample)
+                    request_params = params if seed is None else {**params, "sampling_seed": seed}
+                    payload = generate_payload(prompt_ids=prompts[group], sampling_params=request_params,
                                                rid=f"{batch}-{group}-{sample}")
                     async with semaphore:
                         answer, url = await self._generate_one(session, pool, payload, in_flight, stats)

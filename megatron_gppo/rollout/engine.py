@@ -42,6 +42,9 @@ class SamplingParams:
     """Extra stop tokens on top of the model's EOS."""
 
     ignore_eos: bool = False
+    seed: int | None = None
+    """Makes sampling reproducible: request `(i, j)` of a `generate` call gets SGLang's
+    `sampling_seed` derived from `(seed, i, j)`, whichever server answers it."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Other SGLang sampling params passed through verbatim (e.g. `min_p`)."""
 
@@ -72,6 +75,13 @@ class SamplingParams:
         if self.ignore_eos:
             params["ignore_eos"] = True
         return {**params, **self.extra}
+
+    def request_seed(self, prompt_index: int, sample_index: int) -> int | None:
+        """The `sampling_seed` of sample `sample_index` of prompt `prompt_index` (None without a seed)."""
+        if self.seed is None:
+            return None
+        # Any fixed injective-enough mix works; keep it within int63 for the JSON peer.
+        return (self.seed * 1_000_003 + prompt_index * 10_007 + sample_index) % (2**63 - 1)
 
 
 class RolloutEngine(Protocol):

@@ -38,6 +38,12 @@ class _Row:
     matched_stop_str: str | None = None
     position: int = 0
     """Number of this row's tokens in the KV cache (the position id of the next input token)."""
+    rng: torch.Generator | None = None
+    """The row's own generator when the request carries a `sampling_seed`."""
+
+    def __post_init__(self) -> None:
+        if self.seq.sampling_seed is not None:
+            self.rng = torch.Generator().manual_seed(self.seq.sampling_seed)
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -189,13 +195,21 @@ class Generator:
             return torch.tensor(values, dtype=dtype)
         vocab = logits.shape[-1]
         num_top = max(row.seq.top_logprobs_num for row in rows)
-        tokens, log_probs, top = sample_next_tokens(
-            logits,
+        params = dict(
             temperature=column([row.seq.temperature for row in rows], torch.float32),
             top_p=column([row.seq.top_p for row in rows], torch.float32),
             top_k=column([row.seq.top_k if row.seq.top_k > 0 else vocab for row in rows], torch.long),
             min_p=column([row.seq.min_p for row in rows], torch.float32),
-            generator=self.rng, num_top_logprobs=min(num_top, vocab))
+        )
+        tokens, log_probs, top = sample_next_tokens(logits, **params, generator=self.rng,
+                                                    num_top_logprobs=min(num_top, vocab))
+        for i, row in enumerate(rows):
+            if row.rng is not None:
+                # Seeded rows draw from their own generator, so their samples do not
+                # depend on which other requests share the batch.
+                one = {name: value[i : i + 1] for name, value in params.items()}
+                token, log_prob, _ = sample_next_tokens(logits[i : i + 1], **one, generator=row.rng)
+                tokens[i], log_probs[i] = token[0], log_prob[0]
         token_list, log_prob_list = tokens.tolist(), log_probs.tolist()
         for i, row in enumerate(rows):
             row.output_ids.append(token_list[i])

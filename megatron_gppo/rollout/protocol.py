@@ -30,7 +30,7 @@ _NEUTRAL_PARAMS = {
     "custom_params": None, "stop_regex": None,
 }
 # Known and harmless here: they only shape text/streaming output.
-_IGNORED_PARAMS = {"spaces_between_special_tokens", "stream_interval", "sampling_seed"}
+_IGNORED_PARAMS = {"spaces_between_special_tokens", "stream_interval"}
 
 
 @dataclass(kw_only=True)
@@ -54,6 +54,8 @@ class SequenceRequest:
     return_logprob: bool
     top_logprobs_num: int
     return_text_in_logprobs: bool
+    sampling_seed: int | None = None
+    """Seed of this sequence's own sampling generator (SGLang's `sampling_seed`); None: the server's."""
 
 
 @dataclass(kw_only=True)
@@ -132,7 +134,8 @@ def _sampling(params: Any, ctx: ParseContext) -> dict[str, Any]:
         if params.get(key, neutral) not in (neutral, None):
             raise ValueError(f"sampling_params.{key}={params[key]!r} is not supported by this server")
     known = {"temperature", "top_p", "top_k", "min_p", "max_new_tokens", "n", "stop", "stop_token_ids",
-             "ignore_eos", "no_stop_trim", "skip_special_tokens", *_NEUTRAL_PARAMS, *_IGNORED_PARAMS}
+             "ignore_eos", "no_stop_trim", "skip_special_tokens", "sampling_seed", *_NEUTRAL_PARAMS,
+             *_IGNORED_PARAMS}
     unknown = sorted(set(params) - known)
     if unknown:
         raise ValueError(f"unknown sampling_params: {', '.join(unknown)}")
@@ -166,7 +169,10 @@ def _sampling(params: Any, ctx: ParseContext) -> dict[str, Any]:
     if not isinstance(stop_token_ids, list) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in stop_token_ids):
         raise ValueError(f"stop_token_ids must be a list of integers, got {params.get('stop_token_ids')!r}")
-    return dict(
+    seed = params.get("sampling_seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"sampling_seed must be an integer, got {seed!r}")
+    return dict(sampling_seed=seed,
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, max_new_tokens=max_new_tokens, n=n,
         stop_strs=tuple(stop), stop_token_ids=frozenset(stop_token_ids),
         ignore_eos=_flag(params.get("ignore_eos"), "sampling_params.ignore_eos"),
@@ -239,11 +245,13 @@ def parse_generate(body: Any, ctx: ParseContext) -> GenerateRequest:
         if isinstance(num_top, bool) or not isinstance(num_top, int) or num_top < 0:
             raise ValueError(f"top_logprobs_num must be an integer >= 0, got {num_top!r}")
         item_rid = rids[i] if isinstance(rids, list) else (base_rid if not is_batch else f"{base_rid}_{i}")
+        seed = sampling.pop("sampling_seed")
         for j in range(n):
             sequences.append(SequenceRequest(
                 rid=item_rid if n == 1 else f"{item_rid}_{j}", prompt_ids=list(prompt),
                 return_logprob=_flag(return_logprob[i], "return_logprob"), top_logprobs_num=num_top,
-                return_text_in_logprobs=text_in_logprobs, **sampling))
+                return_text_in_logprobs=text_in_logprobs, sampling_seed=None if seed is None else seed + j,
+                **sampling))
     return GenerateRequest(sequences=sequences, returns_list=returns_list, stream=stream)
 
 

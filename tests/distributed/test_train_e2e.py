@@ -58,3 +58,49 @@ def test_tensor_parallel_run_writes_metrics_checkpoints_and_plots(assets, tmp_pa
         assert (out / "plots" / f"{name}.png").stat().st_size > 1000
     saved = json.loads(json.dumps(__import__("yaml").safe_load((out / "config.yaml").read_text())))
     assert saved["parallel"]["tensor_parallel"] == 2
+
+
+def _wait_for_checkpoint(out, step, process, timeout_s=600):
+    import time
+
+    latest = out / "checkpoints" / "latest"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if latest.exists() and latest.read_text().strip() == f"step_{step:08d}":
+            return
+        assert process.poll() is None, "the run ended before writing its checkpoint"
+        time.sleep(0.2)
+    raise TimeoutError(f"no checkpoint of step {step} after {timeout_s}s")
+
+
+def test_run_killed_after_a_checkpoint_resumes_with_identical_metrics(assets, tmp_path):
+    import os
+    import signal
+
+    overrides = ("train.max_steps=4", "checkpoint.save_every=2", "train.eval_every=0")
+    reference = tmp_path / "reference"
+    result = subprocess.run(train_command(assets, reference, *overrides), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    # Its own session, so SIGKILL reaches the trainer and the rollout server it started.
+    process = subprocess.Popen(train_command(assets, killed, *overrides), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for_checkpoint(killed, 2, process)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    resumed = subprocess.run(train_command(assets, killed, *overrides), capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from step 2" in resumed.stdout + resumed.stderr
+
+    expected = {r["step"]: r for r in read_metrics(reference / "metrics.jsonl")}
+    got = {r["step"]: r for r in read_metrics(killed / "metrics.jsonl")}
+    assert sorted(got) == sorted(expected) == [0, 1, 2, 3, 4]
+    for step in (3, 4):
+        # Same seeds, same weights, same optimizer state: the same samples and updates.
+        for key in ("reward_mean", "response_length_mean", "num_tokens", "beta1"):
+            assert got[step][key] == expected[step][key], (step, key)
+        for key in ("loss", "entropy", "grad_norm", "clip_frac_low", "approx_kl"):
+            assert got[step][key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-7), (step, key)

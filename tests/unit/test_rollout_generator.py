@@ -89,3 +89,16 @@ def test_abort_returns_partial_output(model_and_tokenizer):
         generator.step()
     assert results["drop"].finish_reason["type"] == "abort" and 0 < len(results["drop"].output_ids) < 30
     assert results["keep"].finish_reason == {"type": "length", "length": 30}
+
+
+def test_seeded_requests_sample_the_same_tokens_whatever_shares_the_batch(model_and_tokenizer):
+    seeded = {"input_ids": [3, 4, 5], "rid": "seeded", "return_logprob": True,
+              "sampling_params": {"temperature": 1.0, "max_new_tokens": 10, "sampling_seed": 1234, "ignore_eos": True}}
+    alone = _run(_generator(model_and_tokenizer, seed=1), seeded)["seeded"][1]
+    crowd = {"input_ids": [[9, 8, 7, 6], [5]], "sampling_params": {"max_new_tokens": 10, "n": 3}}
+    crowded = _run(_generator(model_and_tokenizer, seed=2), crowd, add_later=seeded, after_steps=1)["seeded"][1]
+    assert crowded.output_ids == alone.output_ids
+    torch.testing.assert_close(torch.tensor(crowded.output_logprobs), torch.tensor(alone.output_logprobs),
+                               atol=1e-5, rtol=0)
+    other_seed = {**seeded, "sampling_params": {**seeded["sampling_params"], "sampling_seed": 99}}
+    assert _run(_generator(model_and_tokenizer, seed=1), other_seed)["seeded"][1].output_ids != alone.output_ids
