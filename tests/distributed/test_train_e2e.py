@@ -104,3 +104,15 @@ def test_run_killed_after_a_checkpoint_resumes_with_identical_metrics(assets, tm
             assert got[step][key] == expected[step][key], (step, key)
         for key in ("loss", "entropy", "grad_norm", "clip_frac_low", "approx_kl"):
             assert got[step][key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+@pytest.mark.parametrize("loss", ["ppo", "dapo", "cispo", "gspo"])
+def test_every_registered_loss_runs_by_changing_one_key(assets, tmp_path, loss):
+    out = tmp_path / loss
+    result = subprocess.run(train_command(assets, out, f"algorithm.loss={loss}", "train.max_steps=1",
+                                          "checkpoint.save_every=0", "data.eval_path="),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = read_metrics(out / "metrics.jsonl")
+    assert CONTRACT_KEYS <= record.keys() and record["num_updates"] == 2
+    assert (out / "config.yaml").read_text().count(f"loss: {loss}") == 1
