@@ -4,7 +4,7 @@ Each run starts from the same SFT model with the same seed and changes one
 key; the entropy and accuracy curves land in `<run-dir>/compare/`.
 
     python examples/compare_losses.py                       # ppo vs ce_gppo beta1=0.0 / 1.0
-    python examples/compare_losses.py --steps 40
+    python examples/compare_losses.py --out offpolicy train.num_minibatches=4 train.lr=3e-4
 """
 
 from __future__ import annotations
@@ -29,19 +29,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", default="runs/demo")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--out", default="compare", help="subdirectory of --run-dir for these runs")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides shared by every run")
     args = parser.parse_args()
     run = Path(args.run_dir)
     data, sft_hf = run / "data", run / "sft" / "hf"
     if not (sft_hf / "config.json").exists():
         raise SystemExit(f"{sft_hf} is missing: run `python examples/demo_cpu.py --run-dir {run}` first")
-    out = run / "compare"
+    out = run / args.out
     dirs = {}
     for label, overrides in RUNS.items():
         dirs[label] = out / label.replace(" ", "_").replace("=", "")
         command = [sys.executable, "-m", "megatron_gppo.cli", "train", str(EXAMPLES / "configs" / "demo_cpu.yaml"),
                    f"model.hf_path={sft_hf}", f"data.train_path={data / 'train.jsonl'}",
                    f"data.eval_path={data / 'eval.jsonl'}", f"train.output_dir={dirs[label]}",
-                   f"train.max_steps={args.steps}", "logging.wandb_mode=disabled", "logging.progress=false", *overrides]
+                   f"train.max_steps={args.steps}", "logging.wandb_mode=disabled", "logging.progress=false", *args.overrides, *overrides]
         print(f"+ {label}: megatron-gppo train ... {' '.join(overrides)}", flush=True)
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     compare_runs(dirs, key="entropy", output=out / "entropy.png", title="Policy entropy (nats per token)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +18,22 @@ import torch
 import torch.distributed as dist
 
 from megatron_gppo.algorithm import make_beta_schedule
-from megatron_gppo.batching import pack_samples
+from megatron_gppo.batching import RolloutTensors, pack_samples
 from megatron_gppo.config import RunConfig, save_config, to_dict
 from megatron_gppo.data import PromptSampler, load_prompts, render_prompt
 from megatron_gppo.experience import collect_experience, evaluate
 from megatron_gppo.metrics import MetricsLogger
 from megatron_gppo.model.arch import ModelArch
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepPlan:
+    """What the driver decides for one step and broadcasts to every rank."""
+
+    batch: RolloutTensors
+    beta1: float
+    beta2: float
+    metrics: dict[str, float]
 
 
 def beta_schedule_from_config(config: RunConfig):
@@ -141,9 +151,7 @@ class Driver:
                   file=sys.stderr)
         return kept, ids
 
-    def plan_step(self, step: int):
-        from megatron_gppo.trainer import StepPlan
-
+    def plan_step(self, step: int) -> StepPlan:
         beta1, beta2 = self.betas.betas(step, entropy=self.last_entropy)
         alg = self.config.algorithm
         # Seeded per step, so a resumed run samples exactly what an uninterrupted one would.

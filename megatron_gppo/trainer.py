@@ -15,25 +15,16 @@ latest complete checkpoint.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from megatron_gppo.algorithm import combine_metrics
-from megatron_gppo.batching import RolloutTensors, minibatch_slices, shard_rows
+from megatron_gppo.batching import minibatch_slices, shard_rows
 from megatron_gppo.config import RunConfig
+from megatron_gppo.driver import Driver, StepPlan, setup_policy
+from megatron_gppo.model.arch import ModelArch
 from megatron_gppo.model.policy import Policy, PolicyBatch
-
-
-@dataclass(frozen=True, kw_only=True)
-class StepPlan:
-    """What the driver decides for one step and broadcasts to every rank."""
-
-    batch: RolloutTensors
-    beta1: float
-    beta2: float
-    metrics: dict[str, float]
 
 
 def loss_hparams(config: RunConfig, *, beta1: float, beta2: float) -> dict:
@@ -135,21 +126,19 @@ def broadcast_plan(plan: StepPlan | None) -> StepPlan:
 
 def run(config: RunConfig) -> None:
     """Train until `train.max_steps`; the whole job calls this (torchrun, srun or one process)."""
-    from megatron_gppo.driver import Driver, setup_policy
-
     policy, arch, start_step, extra = setup_policy(config)
     driver = Driver(config, arch=arch, start_step=start_step, extra=extra) if dist.get_rank() == 0 else None
     try:
         # The servers start from the HF weights on disk; after a resume (or from a
         # megatron checkpoint) they must get the policy's actual weights first.
-        driver_sync(policy, driver, arch=arch, version=f"step-{start_step}")
+        sync_weights(policy, driver, arch=arch, version=f"step-{start_step}")
         if driver is not None:
             driver.maybe_evaluate(start_step, force=start_step == 0)
         for step in range(start_step + 1, config.train.max_steps + 1):
             started = time.monotonic()
             plan = broadcast_plan(driver.plan_step(step) if driver is not None else None)
             metrics = {**plan.metrics, **train_on_batch(policy, plan, config=config)}
-            driver_sync(policy, driver, arch=arch, version=f"step-{step}")
+            sync_weights(policy, driver, arch=arch, version=f"step-{step}")
             metrics["step_time_s"] = time.monotonic() - started
             if driver is not None:
                 driver.finish_step(step, metrics)
@@ -160,7 +149,7 @@ def run(config: RunConfig) -> None:
             driver.close()
 
 
-def driver_sync(policy: Policy, driver, *, arch, version: str) -> None:
+def sync_weights(policy: Policy, driver: Driver | None, *, arch: ModelArch, version: str) -> None:
     """Stream the policy's weights, Hugging Face-named, to the rollout servers (collective over the job)."""
     from megatron_gppo.checkpoint.live import iter_hf_tensors
 
@@ -172,7 +161,7 @@ def driver_sync(policy: Policy, driver, *, arch, version: str) -> None:
             pass
 
 
-def save(policy: Policy, driver, *, config: RunConfig, step: int) -> None:
+def save(policy: Policy, driver: Driver | None, *, config: RunConfig, step: int) -> None:
     from megatron_gppo.checkpoint.training import save_training_checkpoint
 
     save_training_checkpoint(
