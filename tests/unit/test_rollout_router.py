@@ -9,7 +9,9 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -20,7 +22,8 @@ from megatron_gppo.rollout.local_servers import LocalServers
 from megatron_gppo.rollout.weight_sync import free_port
 from tests._tiny_models import save_test_model
 
-ROUTER = shutil.which("sglang-router")
+# Installed by the `test` extra next to this interpreter (its bin/ need not be on PATH).
+ROUTER = shutil.which("sglang-router", path=str(Path(sys.executable).parent)) or shutil.which("sglang-router")
 pytestmark = pytest.mark.skipif(ROUTER is None, reason="sglang-router is not installed (pip install sglang-router)")
 
 
