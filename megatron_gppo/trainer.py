@@ -46,9 +46,9 @@ def _rank_rows(num_rows: int, *, num_minibatches: int, dp_rank: int, dp_size: in
     """This DP rank's rows of every minibatch, and where each minibatch sits in that list."""
     rows, segments = [], []
     for minibatch in minibatch_slices(num_rows, num_minibatches):
-        mine = list(range(num_rows))[minibatch][shard_rows(minibatch.stop - minibatch.start, rank=dp_rank, world=dp_size)]
-        segments.append(slice(len(rows), len(rows) + len(mine)))
-        rows += mine
+        shard = shard_rows(minibatch.stop - minibatch.start, rank=dp_rank, world=dp_size)
+        segments.append(slice(len(rows), len(rows) + shard.stop - shard.start))
+        rows += range(minibatch.start + shard.start, minibatch.start + shard.stop)
     return rows, segments
 
 
