@@ -92,6 +92,22 @@ def render_prompt(text: str, *, tokenizer: Any, template: str = "auto") -> str:
     return text
 
 
+def encode_prompt(text: str, *, tokenizer: Any, template: str = "auto") -> list[int]:
+    """Token ids of the templated prompt.
+
+    A chat template writes its own special tokens; plain text gets the
+    tokenizer's (e.g. BOS) added.
+    """
+    rendered = render_prompt(text, tokenizer=tokenizer, template=template)
+    plain = template == "plain" or not getattr(tokenizer, "chat_template", None)
+    return tokenizer(rendered, add_special_tokens=plain)["input_ids"]
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id used to right-pad batches: the tokenizer's pad token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 class PromptSampler:
     """Yields prompt indices in seeded, reshuffled epochs; resumable from `state_dict()`.
 

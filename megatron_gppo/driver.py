@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megatron_gppo.algorithm import make_beta_schedule
 from megatron_gppo.batching import RolloutTensors, pack_samples
 from megatron_gppo.config import RunConfig, save_config, to_dict
-from megatron_gppo.data import PromptSampler, load_prompts, render_prompt
+from megatron_gppo.data import PromptSampler, encode_prompt, load_prompts, pad_token_id
 from megatron_gppo.experience import collect_experience, evaluate
 from megatron_gppo.metrics import MetricsLogger
 from megatron_gppo.model.arch import ModelArch
@@ -110,7 +110,7 @@ class Driver:
         self.run_dir = Path(config.train.output_dir)
         save_config(config, self.run_dir / "config.yaml")
         self.tokenizer = AutoTokenizer.from_pretrained(config.model.hf_path)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad_id = pad_token_id(self.tokenizer)
         self.train_prompts, self.train_ids = self._load(config.data.train_path, "data.train_path")
         self.eval_prompts, self.eval_ids = (self._load(config.data.eval_path, "data.eval_path")
                                             if config.data.eval_path else ([], []))
@@ -136,11 +136,9 @@ class Driver:
             raise ValueError(f"config key '{key}' is empty: point it at a .jsonl / .parquet / datasets path")
         data = self.config.data
         prompts = load_prompts(path, prompt_key=data.prompt_key, answer_key=data.answer_key)
-        plain = data.prompt_template == "plain" or not getattr(self.tokenizer, "chat_template", None)
         kept, ids = [], []
         for prompt in prompts:
-            text = render_prompt(prompt.text, tokenizer=self.tokenizer, template=data.prompt_template)
-            token_ids = self.tokenizer(text, add_special_tokens=plain)["input_ids"]
+            token_ids = encode_prompt(prompt.text, tokenizer=self.tokenizer, template=data.prompt_template)
             if len(token_ids) <= data.max_prompt_tokens:
                 kept.append(prompt)
                 ids.append(token_ids)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_gppo.config import RunConfig
-from megatron_gppo.data import PromptSampler, load_records, render_prompt
+from megatron_gppo.data import PromptSampler, encode_prompt, load_records, pad_token_id
 from megatron_gppo.model.policy import PolicyBatch
 
 
@@ -28,9 +28,7 @@ def sft_examples(config: RunConfig, tokenizer) -> list[tuple[list[int], list[int
         for key in (data.prompt_key, data.response_key):
             if key not in record:
                 raise ValueError(f"{data.train_path}: record {index} has no '{key}' field; set data.{'prompt_key' if key == data.prompt_key else 'response_key'}")
-        prompt = render_prompt(str(record[data.prompt_key]), tokenizer=tokenizer, template=data.prompt_template)
-        plain = not getattr(tokenizer, "chat_template", None) or data.prompt_template == "plain"
-        prompt_ids = tokenizer(prompt, add_special_tokens=plain)["input_ids"]
+        prompt_ids = encode_prompt(str(record[data.prompt_key]), tokenizer=tokenizer, template=data.prompt_template)
         response_ids = tokenizer(str(record[data.response_key]), add_special_tokens=False)["input_ids"]
         examples.append((prompt_ids, response_ids + [tokenizer.eos_token_id]))
     return examples
@@ -61,7 +59,7 @@ def run(config: RunConfig) -> Path:
 
     policy, arch, start_step, _ = setup_policy(config)
     tokenizer = AutoTokenizer.from_pretrained(config.model.hf_path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     examples = sft_examples(config, tokenizer)
     sampler = PromptSampler(len(examples), seed=config.train.seed, shuffle=config.data.shuffle)
     sampler.next_indices(start_step * config.train.prompts_per_step)  # skip what a resumed run has seen

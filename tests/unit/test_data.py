@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from megatron_gppo.data import PromptSampler, load_prompts, render_prompt
+from megatron_gppo.data import PromptSampler, encode_prompt, load_prompts, pad_token_id, render_prompt
 
 RECORDS = [{"prompt": f"{i}+1=", "answer": str(i + 1), "extra": i} for i in range(5)]
 
@@ -82,3 +82,16 @@ def test_sampler_covers_each_epoch_and_resumes_exactly():
     assert PromptSampler(7, seed=4).next_indices(7) != first_epoch
     with pytest.raises(ValueError, match="the dataset now has 8"):
         PromptSampler(8, seed=3).load_state_dict(state)
+
+
+def test_encode_prompt_adds_special_tokens_only_to_plain_text():
+    class Tokenizer(_ChatTokenizer):
+        pad_token_id, eos_token_id = None, 2
+
+        def __call__(self, text, *, add_special_tokens):
+            return {"input_ids": ([1] if add_special_tokens else []) + [ord(c) for c in text]}
+
+    tokenizer = Tokenizer()
+    assert encode_prompt("ab", tokenizer=tokenizer, template="plain") == [1, 97, 98]
+    assert encode_prompt("ab", tokenizer=tokenizer) == [ord(c) for c in "<user>ab<assistant>"]
+    assert pad_token_id(tokenizer) == 2
