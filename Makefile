@@ -1,6 +1,7 @@
 # Two entry points, both self-provisioning:
 #   make demo   set up .venv and run the CPU demo
-#   make test   set up .venv and run the test suite (what CI runs)
+#   make test   set up .venv and run the test suite (what CI runs), with a local
+#               Slurm cluster when run as root
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,8 +25,11 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/python examples/demo_cpu.py
 
+# tests/slurm need a Slurm cluster: as root (CI), the local one-node cluster is
+# provisioned and started around the run and stopped after it; elsewhere they
+# use a running cluster or skip.
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	slurm/local_cluster.sh run $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

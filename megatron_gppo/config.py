@@ -148,6 +148,15 @@ class RolloutConfig:
     weight_sync_bucket_mb: int = 512
     """Size of one weight-sync bucket in MiB."""
 
+    colocate: bool = False
+    """The servers share the trainer's accelerators: their memory is released after each rollout and resumed before the weight sync (SGLang servers need --enable-memory-saver)."""
+
+    weight_sync_address: str = ""
+    """Trainer address the servers connect to for `distributed` weight sync; empty: 127.0.0.1 for local servers, this host's name otherwise. Set it on multi-NIC clusters."""
+
+    weight_sync_port: int = 0
+    """Port of the `distributed` weight-sync rendezvous on the trainer; 0 picks a free one."""
+
     def __post_init__(self) -> None:
         positive = ("num_local_servers", "num_samples_per_prompt", "max_new_tokens",
                     "max_concurrency", "weight_sync_bucket_mb")
@@ -159,6 +168,7 @@ class RolloutConfig:
         _require(self.top_k == -1 or self.top_k >= 1, "top_k", self.top_k, "-1 or an integer >= 1")
         _require(self.request_timeout_s > 0, "request_timeout_s", self.request_timeout_s, "a number > 0")
         _require(self.max_retries >= 0, "max_retries", self.max_retries, "an integer >= 0")
+        _require(0 <= self.weight_sync_port < 65536, "weight_sync_port", self.weight_sync_port, "a port in [0, 65535]")
         if self.backend == "sglang" and not (self.server_urls or self.router_url):
             raise ConfigError("server_urls", "backend 'sglang' needs server_urls or router_url")
         for url in self.server_urls + ([self.router_url] if self.router_url else []):
@@ -375,6 +385,12 @@ class TrainConfig:
     eval_temperature: float = 1.0
     """Sampling temperature during evaluation."""
 
+    stop_file: str = "PREEMPT"
+    """Once this file exists (relative paths are in output_dir) the run checkpoints and exits 0 at the next step boundary; the Slurm launchers create it when Slurm signals the job, and requeue it."""
+
+    deadline_minutes: float = 0.0
+    """Wall-clock budget of one run attempt: checkpoint, create `stop_file` and exit 0 before the next step would overrun it (0: none). For clusters that send no signal before the time limit."""
+
     def __post_init__(self) -> None:
         positive = ("max_steps", "prompts_per_step", "num_minibatches", "num_epochs",
                     "micro_batch_size", "eval_samples_per_prompt")
@@ -390,6 +406,8 @@ class TrainConfig:
             _require(getattr(self, key) >= 0, key, getattr(self, key), "a number >= 0")
         _require(self.adam_eps > 0, "adam_eps", self.adam_eps, "a number > 0")
         _require(self.eval_temperature > 0, "eval_temperature", self.eval_temperature, "a number > 0")
+        _require(self.deadline_minutes >= 0, "deadline_minutes", self.deadline_minutes, "a number >= 0")
+        _require(bool(self.stop_file), "stop_file", self.stop_file, "a non-empty path")
         _require(bool(self.output_dir), "output_dir", self.output_dir, "a non-empty path")
 
 

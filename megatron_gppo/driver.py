@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,9 @@ def setup_policy(config: RunConfig):
 class Driver:
     """Rank 0's side of the run: prompts, rollouts, rewards, betas, logs."""
 
-    def __init__(self, config: RunConfig, *, arch: ModelArch, start_step: int, extra: dict[str, Any]):
+    def __init__(self, config: RunConfig, *, arch: ModelArch, start_step: int, extra: dict[str, Any],
+                 started: float):
+        """`started`: `time.monotonic()` when the run began, the origin of `train.deadline_minutes`."""
         from transformers import AutoTokenizer
 
         from megatron_gppo.reward.math import MathReward
@@ -107,7 +110,9 @@ class Driver:
         from megatron_gppo.rollout.sglang_engine import SGLangEngine
 
         self.config = config
+        self.started = started
         self.run_dir = Path(config.train.output_dir)
+        self.stop_file = self.run_dir / config.train.stop_file
         save_config(config, self.run_dir / "config.yaml")
         self.tokenizer = AutoTokenizer.from_pretrained(config.model.hf_path)
         self.pad_id = pad_token_id(self.tokenizer)
@@ -129,7 +134,7 @@ class Driver:
         self.engine = SGLangEngine.from_config(config.rollout, model_path=config.model.hf_path,
                                                work_dir=self.run_dir / "rollout", progress=False,
                                                num_threads=cpu_threads_per_process(config))
-        self.pending_eval: dict[str, float] = {}
+        self.memory_released = False
 
     def _load(self, path: str, key: str) -> tuple[list, list[list[int]]]:
         if not path:
@@ -160,9 +165,18 @@ class Driver:
             group_size=self.config.rollout.num_samples_per_prompt, normalize_std=alg.normalize_advantage_std,
             dynamic_sampling=alg.dynamic_sampling, max_refill_rounds=alg.max_refill_rounds,
         )
+        if self.config.rollout.colocate:
+            self.engine.release_memory()  # the trainer needs the accelerators until the next weight sync
+            self.memory_released = True
         metrics = {**experience.metrics, "beta1": beta1, "beta2": beta2}
         return StepPlan(batch=pack_samples(experience.samples, pad_id=self.pad_id), beta1=beta1, beta2=beta2,
                         metrics=metrics)
+
+    def update_weights(self, named_tensors, *, version: str) -> None:
+        if self.memory_released:
+            self.engine.resume_memory()
+            self.memory_released = False
+        self.engine.update_weights(named_tensors, version=version)
 
     def maybe_evaluate(self, step: int, *, force: bool = False) -> dict[str, float]:
         """Evaluate on the held-out prompts when due; step 0 is logged on its own."""
@@ -182,6 +196,16 @@ class Driver:
         metrics.update(self.maybe_evaluate(step))
         self.last_entropy = metrics.get("entropy")
         self.logger.log(step, metrics)
+
+    def stop_reason(self, *, next_step_s: float) -> str:
+        """Why the run should stop before its next step ('' to go on): the stop file, or the deadline."""
+        if self.stop_file.exists():
+            return f"found {self.stop_file}"
+        minutes = self.config.train.deadline_minutes
+        if minutes and time.monotonic() - self.started + next_step_s > minutes * 60:
+            self.stop_file.touch()  # what a Slurm launcher looks for to requeue the job
+            return f"the next step would pass train.deadline_minutes={minutes:g}"
+        return ""
 
     def state_dict(self) -> dict[str, Any]:
         return {"sampler": self.sampler.state_dict(), "beta_schedule": self.betas.state_dict(),

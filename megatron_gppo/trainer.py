@@ -117,33 +117,49 @@ def train_on_batch(policy: Policy, plan: StepPlan, *, config: RunConfig) -> dict
     return metrics
 
 
-def broadcast_plan(plan: StepPlan | None) -> StepPlan:
-    """The driver's plan on every rank (pickled tensors; rollout batches are small next to weights)."""
-    box = [plan]
+def from_driver(value):
+    """The driver's (rank 0's) `value` on every rank (pickled; rollout batches are small next to weights)."""
+    box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
 def run(config: RunConfig) -> None:
-    """Train until `train.max_steps`; the whole job calls this (torchrun, srun or one process)."""
+    """Train until `train.max_steps` or a stop request; the whole job calls this (torchrun, srun or one process)."""
+    started = time.monotonic()
     policy, arch, start_step, extra = setup_policy(config)
-    driver = Driver(config, arch=arch, start_step=start_step, extra=extra) if dist.get_rank() == 0 else None
+    driver = (Driver(config, arch=arch, start_step=start_step, extra=extra, started=started)
+              if dist.get_rank() == 0 else None)
     try:
         # The servers start from the HF weights on disk; after a resume (or from a
         # megatron checkpoint) they must get the policy's actual weights first.
         sync_weights(policy, driver, arch=arch, version=f"step-{start_step}")
         if driver is not None:
             driver.maybe_evaluate(start_step, force=start_step == 0)
+        saved_step, step_time_s = start_step, 0.0
         for step in range(start_step + 1, config.train.max_steps + 1):
-            started = time.monotonic()
-            plan = broadcast_plan(driver.plan_step(step) if driver is not None else None)
+            # Every rank must leave the loop at the same boundary, so the driver decides for all.
+            reason = from_driver(driver.stop_reason(next_step_s=step_time_s) if driver is not None else None)
+            if reason:
+                if saved_step < step - 1:
+                    save(policy, driver, config=config, step=step - 1)
+                if driver is not None:
+                    print(f"stopped after step {step - 1} ({reason}); checkpoint saved. To resume, delete "
+                          f"{driver.stop_file} and rerun the same command (the Slurm launchers do both)", flush=True)
+                break
+            step_started = time.monotonic()
+            plan = from_driver(driver.plan_step(step) if driver is not None else None)
             metrics = {**plan.metrics, **train_on_batch(policy, plan, config=config)}
+            if config.rollout.colocate and torch.cuda.is_available():
+                torch.cuda.empty_cache()  # give cached training memory back before the servers resume theirs
             sync_weights(policy, driver, arch=arch, version=f"step-{step}")
-            metrics["step_time_s"] = time.monotonic() - started
+            metrics["step_time_s"] = time.monotonic() - step_started
             if driver is not None:
                 driver.finish_step(step, metrics)
             if step == config.train.max_steps or (config.checkpoint.save_every and step % config.checkpoint.save_every == 0):
                 save(policy, driver, config=config, step=step)
+                saved_step = step
+            step_time_s = time.monotonic() - step_started
     finally:
         if driver is not None:
             driver.close()
@@ -155,7 +171,7 @@ def sync_weights(policy: Policy, driver: Driver | None, *, arch: ModelArch, vers
 
     tensors = iter_hf_tensors(policy.chunks, arch=arch, all_stages=True)
     if driver is not None:
-        driver.engine.update_weights(tensors, version=version)
+        driver.update_weights(tensors, version=version)
     else:
         for _ in tensors:  # take part in the gathers; only rank 0 sends
             pass

@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 SERVER_VERSION = "megatron-gppo-cpu-0.1"
 HEALTH_GENERATE_TIMEOUT_S = 20.0
+MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
 
 
 @dataclass(kw_only=True)
@@ -156,7 +157,7 @@ class RolloutServer:
         self.worker = GenerationWorker(self.generator)
         self.weights = _SerialDaemonExecutor("weight-updates")
         self.groups: dict[str, Any] = {}
-        self.memory_released = False
+        self.released_memory: set[str] = set()  # SGLang's tags: weights, kv_cache, cuda_graph
         self.url = ""
 
     # -- plumbing --------------------------------------------------------------
@@ -220,6 +221,7 @@ class RolloutServer:
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body = await _read_json(request, allow_empty=False)
+        self._require_memory(*MEMORY_TAGS, doing="generate")
         try:
             parsed = parse_generate(body, self.parse_ctx)
         except ValueError as err:
@@ -285,7 +287,7 @@ class RolloutServer:
             internal_states=[{
                 "num_running_reqs": self.generator.num_running, "num_waiting_reqs": self.generator.num_waiting,
                 "num_generated_tokens": self.generator.num_generated_tokens, "paused": self.worker.paused,
-                "memory_released": self.memory_released,
+                "memory_released": bool(self.released_memory),
             }],
         )
         return web.json_response(info)
@@ -321,17 +323,25 @@ class RolloutServer:
         await asyncio.wrap_future(self.worker.set_paused(False))
         return web.json_response({"message": "Generation continued successfully.", "status": "ok", "success": True})
 
+    # There is no accelerator memory to free here; the state is kept so that, as on a
+    # real SGLang server, generating or loading weights while released fails loudly.
     async def release_memory(self, request: web.Request) -> web.Response:
-        body = await _read_json(request, allow_empty=True)
-        _field(body, "tags", list, None)
-        self.memory_released = True
+        tags = _field(await _read_json(request, allow_empty=True), "tags", list, None) or list(MEMORY_TAGS)
+        self.released_memory.update(tags)
+        logger.info("memory released: %s", ", ".join(sorted(tags)))
         return web.json_response({"success": True, "message": "no accelerator memory to release on the CPU server"})
 
     async def resume_memory(self, request: web.Request) -> web.Response:
-        body = await _read_json(request, allow_empty=True)
-        _field(body, "tags", list, None)
-        self.memory_released = False
+        tags = _field(await _read_json(request, allow_empty=True), "tags", list, None) or list(MEMORY_TAGS)
+        self.released_memory.difference_update(tags)
+        logger.info("memory resumed: %s", ", ".join(sorted(tags)))
         return web.json_response({"success": True, "message": "memory resumed"})
+
+    def _require_memory(self, *tags: str, doing: str) -> None:
+        released = sorted(self.released_memory.intersection(tags))
+        if released:
+            raise _BadRequest(f"cannot {doing}: memory released ({', '.join(released)}); "
+                              f"call /resume_memory_occupation first")
 
     # -- weights ---------------------------------------------------------------
 
@@ -355,6 +365,7 @@ class RolloutServer:
 
     async def _weights_op(self, fn: Callable[[], Any]) -> Any:
         """Run a weight op; its ValueErrors are the caller's mistakes (400), RuntimeErrors are comms failures."""
+        self._require_memory("weights", doing="update weights")
         try:
             return await fn()
         except (ValueError, RuntimeError, OSError) as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -52,7 +53,10 @@ class SGLangEngine:
                 import torch
 
                 backend = "nccl" if config.backend == "sglang" and torch.cuda.is_available() else "gloo"
-                weight_sync = DistributedWeightSync(client=client, bucket_bytes=bucket_bytes, backend=backend)
+                # Local servers share this host; remote ones need an address they can route to.
+                address = config.weight_sync_address or ("127.0.0.1" if local else socket.gethostname())
+                weight_sync = DistributedWeightSync(client=client, bucket_bytes=bucket_bytes, backend=backend,
+                                                    master_address=address, master_port=config.weight_sync_port)
             elif config.weight_sync == "disk":
                 weight_sync = DiskWeightSync(client=client, output_dir=work_dir / "weights", copy_files_from=model_path)
             else:

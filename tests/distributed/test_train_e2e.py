@@ -116,3 +116,49 @@ def test_every_registered_loss_runs_by_changing_one_key(assets, tmp_path, loss):
     (record,) = read_metrics(out / "metrics.jsonl")
     assert CONTRACT_KEYS <= record.keys() and record["num_updates"] == 2
     assert (out / "config.yaml").read_text().count(f"loss: {loss}") == 1
+
+
+def test_stop_file_and_deadline_checkpoint_at_a_step_boundary_and_exit_zero(assets, tmp_path):
+    import time
+
+    out = tmp_path / "run"
+    overrides = ("train.max_steps=50", "checkpoint.save_every=0", "train.eval_every=0", "data.eval_path=")
+    process = subprocess.Popen(train_command(assets, out, *overrides), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600
+    while not (out / "metrics.jsonl").exists() or not read_metrics(out / "metrics.jsonl"):
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first step"
+        time.sleep(0.2)
+    (out / "PREEMPT").touch()  # what the Slurm launchers' USR1 trap does
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    stopped_at = read_metrics(out / "metrics.jsonl")[-1]["step"]
+    assert stopped_at < 50 and f"stopped after step {stopped_at} (found {out / 'PREEMPT'})" in output
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
+
+    # A deadline already spent: resume, stop before the next step, ask the launcher to requeue.
+    (out / "PREEMPT").unlink()
+    result = subprocess.run(train_command(assets, out, *overrides, "train.deadline_minutes=0.0001"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"stopped after step {stopped_at} (the next step would pass train.deadline_minutes" in result.stdout
+    assert (out / "PREEMPT").exists()
+
+    (out / "PREEMPT").unlink()
+    result = subprocess.run(train_command(assets, out, *overrides, f"train.max_steps={stopped_at + 1}"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, stopped_at + 2))
+
+
+def test_colocated_servers_release_memory_while_the_trainer_updates(assets, tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(train_command(assets, out, "rollout.colocate=true", "train.max_steps=2",
+                                          "checkpoint.save_every=0", "train.eval_every=1", "data.eval_path="),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (out / "rollout" / "server_logs" / "server-0.log").read_text()
+    events = [line.split("memory ")[1].split(":")[0] for line in log.splitlines() if "memory released" in line
+              or "memory resumed" in line]
+    # The server refuses to generate while released, so each rollout proves the resume before it.
+    assert events == ["released", "resumed"] * 2, log[-2000:]

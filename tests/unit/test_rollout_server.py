@@ -121,6 +121,23 @@ def test_info_and_control_endpoints(server):
     assert answer["meta_info"]["weight_version"] == "v7"
 
 
+def test_released_memory_refuses_generation_and_weight_loads_until_resumed(server):
+    generate = {"input_ids": [3], "sampling_params": {"max_new_tokens": 1}}
+    assert post(server, "/release_memory_occupation", {"tags": ["kv_cache"]}).json()["success"] is True
+    refused = post(server, "/generate", generate)
+    assert refused.status_code == 400 and "memory released (kv_cache)" in refused.json()["error"]["message"]
+    # Weights are still there: a weight load is accepted (and fails later, on the missing path).
+    answer = post(server, "/update_weights_from_disk", {"model_path": "/nonexistent"}).json()
+    assert "memory released" not in answer["message"]
+    assert post(server, "/release_memory_occupation", {}).json()["success"] is True
+    answer = post(server, "/update_weights_from_disk", {"model_path": "/nonexistent"})
+    assert answer.status_code == 400 and "memory released (weights)" in answer.json()["message"]
+    info = requests.get(f"{server}/get_server_info", headers=AUTH, timeout=10).json()
+    assert info["internal_states"][0]["memory_released"] is True
+    assert post(server, "/resume_memory_occupation", {}).json()["success"] is True
+    assert post(server, "/generate", generate).status_code == 200
+
+
 def test_pause_holds_requests_and_continue_releases_them(server):
     import threading
 
