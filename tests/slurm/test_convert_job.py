@@ -7,7 +7,6 @@ a cancelled job and a failed verification leave nothing at OUT.
 """
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,23 +16,14 @@ import pytest
 import torch
 
 from tests._checkpoint_models import load_hf_tensors
+from tests._slurm import SLURM_MARKS
 from tests._tiny_models import save_test_model
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB = "slurm/convert.sbatch"
 
 
-def _cluster_up() -> bool:
-    if shutil.which("sbatch") is None:
-        return False
-    return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
-
-
-pytestmark = [
-    pytest.mark.slurm,
-    pytest.mark.skipif(not _cluster_up(), reason="no Slurm cluster: sbatch missing or sinfo fails"
-                       " (as root: slurm/local_cluster.sh start)"),
-]
+pytestmark = SLURM_MARKS
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import pytest
 
 from megatron_gppo.metrics import read_metrics
 from megatron_gppo.tasks.arithmetic import split_problems, write_jsonl
+from tests._slurm import SLURM_MARKS
 from tests._tiny_models import save_test_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,17 +27,7 @@ LAUNCHERS = ["slurm/colocated.sbatch", "slurm/disaggregated.sbatch"]
 NO_NODES = "Requested node configuration is not available"
 
 
-def _cluster_up() -> bool:
-    if shutil.which("sbatch") is None:
-        return False
-    return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
-
-
-pytestmark = [
-    pytest.mark.slurm,
-    pytest.mark.skipif(not _cluster_up(), reason="no Slurm cluster: sbatch missing or sinfo fails"
-                       " (as root: slurm/local_cluster.sh start)"),
-]
+pytestmark = SLURM_MARKS
 
 
 def _shape_partition() -> str:
@@ -160,6 +151,17 @@ def _wait_until(predicate, *, what: str, timeout_s: float = 600, poll_s: float =
 
 def _has_metrics(run: Path) -> bool:
     return (run / "metrics.jsonl").exists() and bool(read_metrics(run / "metrics.jsonl"))
+
+
+def test_test_only_accepts_a_heterogeneous_disaggregated_job():
+    # Slurm never puts two components of a heterogeneous job on one node, so on the
+    # one-node cluster this mode is only shape-checked: 1 rollout node : 2 trainer nodes.
+    partition = f"--partition={_shape_partition()}"
+    env = {**os.environ, "CONFIG": "examples/configs/demo_cpu.yaml", "MODEL_PATH": "unused"}
+    result = subprocess.run(["sbatch", "--test-only", partition, "--nodes=1", ":", partition, "--nodes=2",
+                             "slurm/disaggregated.sbatch"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and "to start at" in result.stderr, result.stderr
 
 
 def test_usr1_checkpoints_requeues_and_resumes_from_that_step(assets, tmp_path):
