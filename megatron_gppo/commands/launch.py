@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -58,5 +59,12 @@ def launch(args: argparse.Namespace, *, command: str, job: Callable) -> int:
                         args.config, *args.overrides]
             print(f"starting {num_processes} local processes: {' '.join(torchrun[1:])}", file=sys.stderr)
             return subprocess.call(torchrun)
+    # SIGTERM (scancel, torchrun stopping its workers, kill) unwinds like Ctrl-C does, so
+    # the run's `finally` blocks stop the rollout servers and reward workers it started.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     job(config)
     return 0
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)

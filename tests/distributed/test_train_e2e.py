@@ -1,6 +1,7 @@
 """`megatron-gppo train` end to end: TP=2 Megatron policy, a local rollout server, eval, checkpoints, plots."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -162,3 +163,31 @@ def test_colocated_servers_release_memory_while_the_trainer_updates(assets, tmp_
               or "memory resumed" in line]
     # The server refuses to generate while released, so each rollout proves the resume before it.
     assert events == ["released", "resumed"] * 2, log[-2000:]
+
+
+def test_sigterm_stops_the_run_and_the_servers_it_started(assets, tmp_path):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    process = subprocess.Popen(train_command(assets, out, "train.max_steps=50", "checkpoint.save_every=0",
+                                             "data.eval_path="), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 600
+    while not (out / "metrics.jsonl").exists() or not read_metrics(out / "metrics.jsonl"):
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first step"
+        time.sleep(0.2)
+    children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    assert children  # the rollout server at least
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    time.sleep(1)
+    for pid in children:
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            continue
+        # Exited but not yet reaped by init is fine; anything else was left running.
+        assert Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z", f"child {pid} outlived the run"
