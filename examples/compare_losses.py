@@ -25,11 +25,13 @@ from megatron_gppo.plots import compare_runs
 EXAMPLES = Path(__file__).resolve().parent
 
 
-def runs(beta1s: list[float]) -> dict[str, list[str]]:
-    """ppo, then ce_gppo (beta2=1) at each beta1: label -> overrides."""
-    table = {"ppo": ["algorithm.loss=ppo"]}
+def runs(beta1s: list[float], beta2s: list[float] = (1.0,), ppo: bool = True) -> dict[str, list[str]]:
+    """ppo, then ce_gppo at each (beta1, beta2): label -> overrides (beta2 is named in the label unless it is 1)."""
+    table = {"ppo": ["algorithm.loss=ppo"]} if ppo else {}
     for beta1 in beta1s:
-        table[f"ce_gppo beta1={beta1:g}"] = ["algorithm.loss=ce_gppo", f"algorithm.beta1={beta1}", "algorithm.beta2=1.0"]
+        for beta2 in beta2s:
+            label = f"ce_gppo beta1={beta1:g}" + (f" beta2={beta2:g}" if list(beta2s) != [1.0] else "")
+            table[label] = ["algorithm.loss=ce_gppo", f"algorithm.beta1={beta1}", f"algorithm.beta2={beta2}"]
     return table
 
 
@@ -38,7 +40,9 @@ def main() -> None:
     parser.add_argument("--run-dir", default="runs/demo")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--out", default="compare", help="subdirectory of --run-dir for these runs")
-    parser.add_argument("--beta1", default="0,1", help="comma-separated ce_gppo beta1 values (beta2=1)")
+    parser.add_argument("--beta1", default="0,1", help="comma-separated ce_gppo beta1 values")
+    parser.add_argument("--beta2", default="1", help="comma-separated ce_gppo beta2 values")
+    parser.add_argument("--no-ppo", action="store_true", help="skip the ppo baseline run")
     parser.add_argument("overrides", nargs="*", help="dotted overrides shared by every run")
     args = parser.parse_args()
     run = Path(args.run_dir)
@@ -47,7 +51,8 @@ def main() -> None:
         raise SystemExit(f"{sft_hf} is missing: run `python examples/demo_cpu.py --run-dir {run}` first")
     out = run / args.out
     dirs = {}
-    for label, overrides in runs([float(b) for b in args.beta1.split(",")]).items():
+    for label, overrides in runs([float(b) for b in args.beta1.split(",")], [float(b) for b in args.beta2.split(",")],
+                                 ppo=not args.no_ppo).items():
         dirs[label] = out / label.replace(" ", "_").replace("=", "")
         command = [sys.executable, "-m", "megatron_gppo.cli", "train", str(EXAMPLES / "configs" / "demo_cpu.yaml"),
                    f"model.hf_path={sft_hf}", f"data.train_path={data / 'train.jsonl'}",
@@ -61,7 +66,7 @@ def main() -> None:
     compare_runs(dirs, key="eval_accuracy", output=out / "eval_accuracy.png", title="Held-out accuracy (avg@k)")
     compare_runs(dirs, key="reward_mean", output=out / "reward.png", title="Training reward (mean over samples)")
     compare_runs(dirs, key="clip_frac_low", output=out / "clip_frac_low.png", title="Fraction clipped below 1 - eps")
-    print(f"{'run':<20} {'entropy first':>14} {'entropy last':>13} {'entropy mean':>13} {'clip low':>9} "
+    print(f"{'run':<28} {'entropy first':>14} {'entropy last':>13} {'entropy mean':>13} {'clip low':>9} "
           f"{'clip high':>10} {'eval first':>11} {'eval last':>10}")
     for label, path in dirs.items():
         records = read_metrics(path / "metrics.jsonl")
@@ -69,7 +74,7 @@ def main() -> None:
                   for key in ("entropy", "clip_frac_low", "clip_frac_high", "eval_accuracy")}
         mean = {key: sum(values) / len(values) for key, values in series.items()}
         entropy, evals = series["entropy"], series["eval_accuracy"]
-        print(f"{label:<20} {entropy[0]:>14.4f} {entropy[-1]:>13.4f} {mean['entropy']:>13.4f} "
+        print(f"{label:<28} {entropy[0]:>14.4f} {entropy[-1]:>13.4f} {mean['entropy']:>13.4f} "
               f"{mean['clip_frac_low']:>9.4f} {mean['clip_frac_high']:>10.4f} {evals[0]:>11.3f} {evals[-1]:>10.3f}")
     print(f"plots: {out}")
 
