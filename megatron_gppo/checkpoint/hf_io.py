@@ -177,8 +177,11 @@ class ShardedSafetensorsWriter:
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self._flush()
         tensor = tensor.detach()
-        if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != size:
-            # safetensors refuses tensors that share storage (views of one fused tensor): copy views.
+        shared = any(tensor.untyped_storage().data_ptr() == other.untyped_storage().data_ptr()
+                     for other in self._pending.values())
+        if shared or not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != size:
+            # safetensors refuses tensors that share storage (views of one fused tensor, tied
+            # weights written under two names): copy them.
             tensor = tensor.clone(memory_format=torch.contiguous_format)
         self._pending[name] = tensor
         self._pending_bytes += size
@@ -196,6 +199,8 @@ class ShardedSafetensorsWriter:
         """Name the shards model-0000k-of-0000N.safetensors and write the index; returns the shard names."""
         if self._pending:
             self._flush()
+        if not self._shards:
+            return []
         count = len(self._shards)
         weight_map, names = {}, []
         for index, tensors in enumerate(self._shards):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import shutil
 import socket
@@ -231,59 +230,24 @@ def save_safetensors_atomic(named_tensors: NamedTensors, output_dir: str | Path,
                             shard_bytes: int = 4 * 1024 ** 3, copy_files_from: str | Path | None = None) -> Path:
     """Write tensors as a Hugging Face safetensors checkpoint, all or nothing.
 
-    Shards go to a temporary directory next to `output_dir` (with
-    `model.safetensors.index.json` when there are several), plus the
-    `config.json` / tokenizer files of `copy_files_from`, and the directory is
-    renamed into place at the end, so a reader never sees a partial dump.
+    Shards and `model.safetensors.index.json` go to a temporary directory next
+    to `output_dir`, plus the `config.json` / tokenizer files of
+    `copy_files_from`, and the directory is renamed into place at the end, so a
+    reader never sees a partial dump.
     """
-    from safetensors.torch import save_file
+    from megatron_gppo.checkpoint.hf_io import ShardedSafetensorsWriter, copy_side_files
 
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-"))
     try:
-        shards: list[tuple[Path, list[str]]] = []
-        total = 0
-
-        def write(shard: dict[str, torch.Tensor]) -> None:
-            path = tmp / f"shard-{len(shards):05d}.safetensors"
-            save_file(shard, str(path), metadata={"format": "pt"})
-            shards.append((path, list(shard)))
-
-        shard: dict[str, torch.Tensor] = {}
-        size = 0
-        for bucket in iter_buckets(named_tensors, bucket_bytes=shard_bytes):
-            seen: set[int] = set()
-            for name, tensor in bucket:
-                # safetensors wants contiguous CPU tensors that share no storage (tied weights, views).
-                cpu = tensor.detach().to("cpu").contiguous()
-                nbytes = cpu.numel() * cpu.element_size()
-                storage = cpu.untyped_storage()
-                if storage.data_ptr() in seen or storage.nbytes() != nbytes:
-                    cpu = cpu.clone()
-                seen.add(cpu.untyped_storage().data_ptr())
-                shard[name] = cpu
-                size += nbytes
-            total += size
-            write(shard)
-            shard, size = {}, 0
-        if not shards:
+        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=shard_bytes)
+        for name, tensor in named_tensors:
+            writer.add(name, tensor.detach().to("cpu"))
+        if not writer.finish():
             raise ValueError("no tensors to save")
-        if len(shards) == 1:
-            shards[0][0].rename(tmp / "model.safetensors")
-        else:
-            weight_map = {}
-            for i, (path, names) in enumerate(shards):
-                final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                path.rename(tmp / final)
-                weight_map.update({name: final for name in names})
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         if copy_files_from is not None:
-            for source in Path(copy_files_from).iterdir():
-                if source.is_file() and source.suffix in (".json", ".txt", ".model", ".jinja") \
-                        and not source.name.startswith("model.safetensors"):
-                    shutil.copy2(source, tmp / source.name)
+            copy_side_files(copy_files_from, tmp)
         if output_dir.exists():  # same version written again: swap it out
             stale = output_dir.with_name(f".{output_dir.name}.stale-{uuid.uuid4().hex[:8]}")
             os.rename(output_dir, stale)

@@ -30,7 +30,8 @@ def test_atomic_dump_shards_ties_and_round_trips(tmp_path):
     for name, tensor in tensors:
         assert torch.equal(loaded[name], tensor)
     single = save_safetensors_atomic(tensors[:1], tmp_path / "one")
-    assert [p.name for p in single.iterdir()] == ["model.safetensors"]
+    assert sorted(p.name for p in single.iterdir()) == ["model-00001-of-00001.safetensors",
+                                                        "model.safetensors.index.json"]
 
 
 def test_failed_dump_leaves_nothing_behind(tmp_path):
