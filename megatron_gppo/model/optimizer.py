@@ -113,26 +113,7 @@ def zero_grads(chunks: list[DistributedDataParallel], optimizer: MegatronOptimiz
     optimizer.zero_grad()
 
 
-def checkpoint_pieces(
-    chunks: list[DistributedDataParallel], optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler
-) -> dict:
-    """The state a checkpoint needs, as megatron's dist_checkpointing objects.
-
-    `model{i}`: each chunk's sharded state dict; `optimizer`: the optimizer's
-    sharded state dict (its states must exist, e.g. after one step);
-    `scheduler`: a plain dict.
-    """
-    # From the bare modules: through the DDP wrapper every key would gain a "module." prefix.
-    model = {f"model{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(chunks)}
-    return {
-        **model,
-        # megatron-LM passes the same {"model0": ..., "model1": ...} dict (it maps params by identity).
-        "optimizer": optimizer.sharded_state_dict(model, metadata={"distrib_optim_sharding_type": "dp_reshardable"}),
-        "scheduler": scheduler.state_dict(),
-    }
-
-
 __all__ = [
-    "StepStats", "build_optimizer", "build_scheduler", "checkpoint_pieces", "current_lr", "optimizer_step",
+    "StepStats", "build_optimizer", "build_scheduler", "current_lr", "optimizer_step",
     "wrap_ddp", "zero_grads",
 ]

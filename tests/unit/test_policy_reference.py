@@ -207,17 +207,3 @@ def test_lr_schedule_warms_up_then_decays():
     assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # step 1 never runs at lr 0
     assert all(a > b for a, b in zip(lrs[3:9], lrs[4:10]))
     assert lrs[9:] == pytest.approx([1e-4] * 3)
-
-
-def test_checkpoint_pieces_after_a_step(dims):
-    from megatron_gppo.model.optimizer import checkpoint_pieces
-
-    policy = policy_like(hf_model("qwen2"), "qwen2", dims)
-    batch = make_batch()
-    batch = PolicyBatch(tokens=batch.tokens, loss_mask=batch.loss_mask, advantages=batch.advantages,
-                        old_log_probs=torch.full(batch.tokens.shape, -5.0) * batch.loss_mask)
-    policy.forward_backward_step(batch, loss_name="ce_gppo", micro_batch_size=3)
-    pieces = checkpoint_pieces(policy.model, policy.optimizer, policy.scheduler)
-    assert set(pieces) == {"model0", "optimizer", "scheduler"}
-    assert "decoder.layers.1.mlp.linear_fc1.weight" in pieces["model0"]
-    assert pieces["scheduler"]["num_steps"] == 1
