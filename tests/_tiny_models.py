@@ -49,3 +49,24 @@ def reference_log_probs(model, prompt_ids: Sequence[int], response_ids: Sequence
     start = len(prompt_ids) - 1
     targets = torch.tensor(list(response_ids))
     return log_probs[start:start + len(response_ids)].gather(1, targets[:, None]).squeeze(1)
+
+
+def save_tiny_run(root: str | Path) -> Path:
+    """What a tiny RL / SFT run needs under `root`: train.jsonl (64 problems), eval.jsonl (4) and hf/."""
+    from megatron_gppo.tasks.arithmetic import split_problems, write_jsonl
+
+    root = Path(root)
+    train, held_out = split_problems(num_train=64, num_eval=4, seed=0)
+    write_jsonl(train, root / "train.jsonl")
+    write_jsonl(held_out, root / "eval.jsonl")
+    save_test_model(root / "hf")
+    return root
+
+
+def tiny_run_overrides(root: str | Path) -> list[str]:
+    """Overrides of examples/configs/demo_cpu.yaml for a seconds-long run on `save_tiny_run(root)`'s data."""
+    root = Path(root)
+    return [f"data.train_path={root / 'train.jsonl'}", f"data.eval_path={root / 'eval.jsonl'}",
+            "train.prompts_per_step=4", "rollout.num_samples_per_prompt=4", "rollout.max_new_tokens=6",
+            "train.micro_batch_size=8", "train.eval_samples_per_prompt=2", "algorithm.max_refill_rounds=0",
+            "logging.wandb_mode=disabled"]

@@ -7,19 +7,14 @@ import pytest
 import torch
 
 from megatron_gppo.metrics import read_metrics
-from megatron_gppo.tasks.arithmetic import split_problems, write_jsonl
-from tests._tiny_models import load_model, save_test_model
+from tests._tiny_models import load_model, save_tiny_run
 
 pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sft")
-    train, _ = split_problems(num_train=64, num_eval=4, seed=0)
-    write_jsonl(train, root / "train.jsonl")
-    save_test_model(root / "hf")
-    return root
+    return save_tiny_run(tmp_path_factory.mktemp("sft"))
 
 
 def sft(assets, out, *overrides):

@@ -8,8 +8,7 @@ import sys
 import pytest
 
 from megatron_gppo.metrics import read_metrics
-from megatron_gppo.tasks.arithmetic import split_problems, write_jsonl
-from tests._tiny_models import save_test_model
+from tests._tiny_models import save_tiny_run, tiny_run_overrides
 
 pytestmark = pytest.mark.distributed
 
@@ -18,21 +17,13 @@ CONTRACT_KEYS = {"step", "reward_mean", "entropy", "clip_frac_low", "clip_frac_h
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    train, held_out = split_problems(num_train=64, num_eval=4, seed=0)
-    write_jsonl(train, root / "train.jsonl")
-    write_jsonl(held_out, root / "eval.jsonl")
-    save_test_model(root / "hf")
-    return root
+    return save_tiny_run(tmp_path_factory.mktemp("e2e"))
 
 
 def train_command(assets, out, *overrides):
     return [sys.executable, "-m", "megatron_gppo.cli", "train", "examples/configs/demo_cpu.yaml",
-            f"model.hf_path={assets / 'hf'}", f"data.train_path={assets / 'train.jsonl'}",
-            f"data.eval_path={assets / 'eval.jsonl'}", f"train.output_dir={out}",
-            "train.prompts_per_step=4", "rollout.num_samples_per_prompt=4", "rollout.max_new_tokens=6",
-            "train.micro_batch_size=8", "train.eval_samples_per_prompt=2", "algorithm.max_refill_rounds=0",
-            "logging.wandb_mode=disabled", *overrides]
+            f"model.hf_path={assets / 'hf'}", f"train.output_dir={out}", *tiny_run_overrides(assets),
+            *overrides]
 
 
 def test_tensor_parallel_run_writes_metrics_checkpoints_and_plots(assets, tmp_path):

@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 
 from megatron_gppo.metrics import read_metrics
-from megatron_gppo.tasks.arithmetic import split_problems, write_jsonl
 from tests._slurm import SLURM_MARKS
-from tests._tiny_models import save_test_model
+from tests._tiny_models import save_tiny_run, tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHERS = ["slurm/colocated.sbatch", "slurm/disaggregated.sbatch"]
@@ -67,22 +66,12 @@ def test_test_only_rejects_more_nodes_than_the_partition_has():
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("slurm")
-    train, held_out = split_problems(num_train=64, num_eval=4, seed=0)
-    write_jsonl(train, root / "train.jsonl")
-    write_jsonl(held_out, root / "eval.jsonl")
-    save_test_model(root / "hf")
-    return root
+    return save_tiny_run(tmp_path_factory.mktemp("slurm"))
 
 
 def _tiny_overrides(assets) -> str:
-    return " ".join([
-        f"data.train_path={assets / 'train.jsonl'}", f"data.eval_path={assets / 'eval.jsonl'}",
-        "train.prompts_per_step=4", "rollout.num_samples_per_prompt=4", "rollout.max_new_tokens=6",
-        "train.micro_batch_size=8", "train.eval_samples_per_prompt=2", "algorithm.max_refill_rounds=0",
-        "logging.wandb_mode=disabled", "train.max_steps=2", "train.eval_every=0", "checkpoint.save_every=1",
-        "checkpoint.keep_last=1",
-    ])
+    return " ".join([*tiny_run_overrides(assets), "train.max_steps=2", "train.eval_every=0",
+                     "checkpoint.save_every=1", "checkpoint.keep_last=1"])
 
 
 def _sbatch_wait(launcher: str, out: Path, env: dict) -> subprocess.CompletedProcess:
