@@ -166,9 +166,11 @@ def test_usr1_checkpoints_requeues_and_resumes_from_that_step(assets, tmp_path):
         # What Slurm sends SIGNAL_SECONDS before the time limit (#SBATCH --signal=B:USR1@300).
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
         _wait_until(lambda: _job_field(job_id, "Restarts") == "1", what="the requeue")
-        # Slurm holds a requeued job for a while before it is eligible again; skip the wait.
+        # Slurm holds a requeued job for a while before it is eligible again; shorten the wait. Not to
+        # `now`: slurmd refuses a launch whose credential dates from the second the old one was revoked
+        # in ("Job credential revoked") and the job then fails instead of running.
         if _job_field(job_id, "JobState") == "PENDING":
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+2"], check=False)
         _wait_until(lambda: _job_field(job_id, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"),
                     what="the second attempt to finish")
     finally:
