@@ -28,7 +28,8 @@ class FakeServer:
         app.router.add_post("/generate", self._generate)
         app.router.add_post("/abort_request", self._abort)
         app.router.add_get("/health", self._health)
-        self._runner = web.AppRunner(app)
+        # A short shutdown wait: close() cancels stalled handlers instead of waiting out their sleep.
+        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
         self._loop = asyncio.new_event_loop()
         started = threading.Event()
 
@@ -75,8 +76,12 @@ class FakeServer:
             "output_token_logprobs": [[-0.5, t, None] for t in tokens]}})
 
     def close(self):
+        # Clean up the runner first: stopping the loop with handlers still pending leaves
+        # "Task was destroyed but it is pending!" noise at interpreter exit.
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        self._loop.close()
 
 
 @pytest.fixture
