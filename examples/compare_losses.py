@@ -67,15 +67,18 @@ def main() -> None:
     compare_runs(dirs, key="reward_mean", output=out / "reward.png", title="Training reward (mean over samples)")
     compare_runs(dirs, key="clip_frac_low", output=out / "clip_frac_low.png", title="Fraction clipped below 1 - eps")
     print(f"{'run':<28} {'entropy first':>14} {'entropy last':>13} {'entropy mean':>13} {'clip low':>9} "
-          f"{'clip high':>10} {'eval first':>11} {'eval last':>10}")
+          f"{'of them HP':>11} {'clip high':>10} {'eval first':>11} {'eval last':>10}")
     for label, path in dirs.items():
         records = read_metrics(path / "metrics.jsonl")
         series = {key: [r[key] for r in records if key in r]
-                  for key in ("entropy", "clip_frac_low", "clip_frac_high", "eval_accuracy")}
+                  for key in ("entropy", "clip_frac_low", "clip_frac_low_hp", "clip_frac_high", "eval_accuracy")}
         mean = {key: sum(values) / len(values) for key, values in series.items()}
         entropy, evals = series["entropy"], series["eval_accuracy"]
+        # Share of the beta1-gradient tokens that were high-probability when sampled (paper: mostly low).
+        high_share = mean["clip_frac_low_hp"] / mean["clip_frac_low"] if mean["clip_frac_low"] else float("nan")
         print(f"{label:<28} {entropy[0]:>14.4f} {entropy[-1]:>13.4f} {mean['entropy']:>13.4f} "
-              f"{mean['clip_frac_low']:>9.4f} {mean['clip_frac_high']:>10.4f} {evals[0]:>11.3f} {evals[-1]:>10.3f}")
+              f"{mean['clip_frac_low']:>9.4f} {high_share:>11.2f} {mean['clip_frac_high']:>10.4f} "
+              f"{evals[0]:>11.3f} {evals[-1]:>10.3f}")
     print(f"plots: {out}")
 
 

@@ -52,6 +52,33 @@ def clip_fractions(
     }
 
 
+def clipped_high_prob_fractions(
+    *,
+    clipped_low: torch.Tensor,
+    clipped_high: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    loss_mask: torch.Tensor,
+    high_prob_threshold: float = 0.5,
+) -> dict[str, torch.Tensor]:
+    """Fractions of mask tokens that are clipped *and* were high-probability when sampled.
+
+    The paper's entropy argument (section 3.1, figure 1) rests on clipped
+    tokens being mostly low-probability: pushing a low-probability token down
+    sharpens its distribution, pushing a high-probability one down flattens it.
+    `clip_frac_low_hp / clip_frac_low` is the share of the beta1-gradient
+    tokens for which that premise fails. HP here is pi_old >= threshold.
+
+    Args:
+        clipped_low, clipped_high, loss_mask: `[batch, response_len]` bool.
+        old_log_probs: `[batch, response_len]` log-probs of the sampling policy.
+    """
+    was_high = torch.exp(old_log_probs) >= high_prob_threshold
+    return {
+        "clip_frac_low_hp": masked_mean((clipped_low & was_high).double(), loss_mask),
+        "clip_frac_high_hp": masked_mean((clipped_high & was_high).double(), loss_mask),
+    }
+
+
 def ratio_and_kl(
     *,
     log_probs: torch.Tensor,

@@ -485,6 +485,15 @@ def _policy_metrics(
         clipped_dual=token_loss.clipped_dual,
         loss_mask=loss_mask,
     )
+    metrics.update(
+        diagnostics.clipped_high_prob_fractions(
+            clipped_low=token_loss.clipped_low,
+            clipped_high=token_loss.clipped_high,
+            old_log_probs=old_log_probs,
+            loss_mask=loss_mask,
+            high_prob_threshold=high_prob_threshold,
+        )
+    )
     metrics.update(diagnostics.ratio_and_kl(log_probs=log_probs, old_log_probs=old_log_probs, loss_mask=loss_mask))
     metrics.update(
         diagnostics.token_group_fractions(
@@ -548,13 +557,13 @@ def compute_policy_loss(
             by min(exp(old_log_probs - rollout_log_probs), tis_cap).
         tis_cap: truncation of that weight (ignored without rollout_log_probs).
         high_prob_threshold: pi >= this makes a token "high probability" in the
-            `frac_*` metrics.
+            `frac_*` metrics (pi_old >= this in `clip_frac_*_hp`).
         **loss_hparams: the variant's own hyperparameters, e.g. `eps_low`,
             `eps_high`, `beta1`, `beta2`, `dual_clip_c` for `ce_gppo`.
 
     Returns:
         The scalar loss and float metrics: `clip_frac_low`, `clip_frac_high`,
-        `clip_frac_dual`, `approx_kl` (k3), `approx_kl_k1`, `ratio_mean`,
+        `clip_frac_dual`, `clip_frac_low_hp`, `clip_frac_high_hp`, `approx_kl` (k3), `approx_kl_k1`, `ratio_mean`,
         `frac_pa_hp`, `frac_pa_lp`, `frac_na_hp`, `frac_na_lp`,
         `entropy_change_estimate` (+ its three moments), `pg_loss` (token mean
         of the policy term), `nll`, `num_tokens`, `num_sequences`,

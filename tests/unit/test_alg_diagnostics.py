@@ -40,6 +40,9 @@ def test_hand_made_metrics():
     assert metrics["clip_frac_low"] == pytest.approx(1 / 7)
     assert metrics["clip_frac_high"] == pytest.approx(1 / 7)
     assert metrics["clip_frac_dual"] == 0.0
+    # The low one was sampled at pi_old = 0.6 / 0.5 (HP), the high one at 0.2 / 1.5 (LP).
+    assert metrics["clip_frac_low_hp"] == pytest.approx(1 / 7)
+    assert metrics["clip_frac_high_hp"] == 0.0
     ratios = [1.0, 1.5, 0.5, 0.9, 0.7, 1.3, 1.0]
     assert metrics["ratio_mean"] == pytest.approx(sum(ratios) / 7)
     assert metrics["approx_kl"] == pytest.approx(sum(r - 1 - math.log(r) for r in ratios) / 7)
