@@ -14,21 +14,34 @@ mkdir -p "$LOG_DIR"
 # A marker left by the previous attempt would stop this one at its first step.
 rm -f "$RUN_DIR/PREEMPT"
 trainer_pid=
+watchdog_pid=
 
 on_usr1() {
     echo "$(date -Is) USR1: asking the trainer to checkpoint and stop (marker $RUN_DIR/PREEMPT)"
     touch "$RUN_DIR/PREEMPT"
+    [[ -n $watchdog_pid ]] && return
     # Requeue even if the trainer does not stop in time; it resumes from its last checkpoint.
     (sleep "${PREEMPT_GRACE_S:-240}"
      if kill -0 "$trainer_pid" 2>/dev/null; then
          echo "$(date -Is) trainer still running after ${PREEMPT_GRACE_S:-240}s; requeueing now"
          scontrol requeue "$SLURM_JOB_ID"
      fi) &
+    watchdog_pid=$!
 }
 trap on_usr1 USR1
 
+# Once the trainer has exited the watchdog has nothing to guard. Left alone it would outlive
+# the job (Slurm's proctrack/linuxproc loses re-parented processes) and sleep on.
+stop_watchdog() {
+    [[ -n $watchdog_pid ]] || return 0
+    pkill -P "$watchdog_pid" 2>/dev/null  # its sleep
+    kill "$watchdog_pid" 2>/dev/null
+    watchdog_pid=
+}
+
 # $1: the trainer's exit status. A trainer that stopped for preemption exits 0.
 requeue_if_preempted() {
+    stop_watchdog
     if [[ -e $RUN_DIR/PREEMPT && $1 -eq 0 && ${REQUEUE:-1} == 1 ]]; then
         echo "$(date -Is) stopped for preemption; requeueing job $SLURM_JOB_ID"
         scontrol requeue "$SLURM_JOB_ID"

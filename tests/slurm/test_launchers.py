@@ -138,6 +138,19 @@ def _wait_until(predicate, *, what: str, timeout_s: float = 600, poll_s: float =
         time.sleep(poll_s)
 
 
+def _processes_with_env(name: str, value: str) -> list[int]:
+    """Pids of the live processes whose environment has `name=value` (what a job's processes inherit)."""
+    entry = f"{name}={value}".encode()
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if entry in environ.read_bytes().split(b"\0"):
+                pids.append(int(environ.parent.name))
+        except OSError:  # gone, or not ours to read
+            pass
+    return pids
+
+
 def _has_metrics(run: Path) -> bool:
     return (run / "metrics.jsonl").exists() and bool(read_metrics(run / "metrics.jsonl"))
 
@@ -186,6 +199,9 @@ def test_usr1_checkpoints_requeues_and_resumes_from_that_step(assets, tmp_path):
     assert 1 <= step < 30 and f"Resuming from step {step} " in second.read_text(), job_logs
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, 31))
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000030"
+    # Nothing of either attempt outlives the job, the USR1 watchdog of attempt 0 included.
+    _wait_until(lambda: not _processes_with_env("RUN_DIR", str(run)),
+                what="the job's processes to exit", timeout_s=45)
 
 
 def test_a_dead_task_fails_the_job_instead_of_hanging(assets, tmp_path):
