@@ -34,8 +34,9 @@ trap on_usr1 USR1
 # the job (Slurm's proctrack/linuxproc loses re-parented processes) and sleep on.
 stop_watchdog() {
     [[ -n $watchdog_pid ]] || return 0
-    pkill -P "$watchdog_pid" 2>/dev/null  # its sleep
-    kill "$watchdog_pid" 2>/dev/null
+    # Both fail once the watchdog has already run out; the launchers' `set -e` must not exit on that.
+    pkill -P "$watchdog_pid" 2>/dev/null || true  # its sleep
+    kill "$watchdog_pid" 2>/dev/null || true
     watchdog_pid=
 }
 
