@@ -11,8 +11,11 @@ BIN := $(VENV)/bin
 # TORCH_SPEC to the CUDA build you want (or "" to keep a preinstalled one).
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# The SGLang release our request models mirror; tests read its wheel (never installed).
+SGLANG_REFERENCE ?= 0.5.23
+UPSTREAM := .cache/upstream
 
-.PHONY: install demo test clean
+.PHONY: install upstream demo test clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,14 +25,20 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+$(UPSTREAM)/.sglang-$(SGLANG_REFERENCE): | $(BIN)/.installed
+	$(BIN)/pip download --quiet --no-deps --dest $(UPSTREAM) "sglang==$(SGLANG_REFERENCE)"
+	touch $@
+
+upstream: $(UPSTREAM)/.sglang-$(SGLANG_REFERENCE)
+
 demo: install
 	$(BIN)/python examples/demo_cpu.py
 
 # tests/slurm need a Slurm cluster: as root (CI), the local one-node cluster is
 # provisioned and started around the run and stopped after it; elsewhere they
 # use a running cluster or skip.
-test: install
+test: install upstream
 	slurm/local_cluster.sh run $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs .cache

@@ -1,63 +1,96 @@
-"""Samples -> padded `[B, T]` tensors for the policy, and the splits of a rollout batch.
+"""The one batch type of the policy (`PolicyBatch`), how samples become one, and how batches split.
 
-Token `t` of a row is scored when it is a response token: the policy predicts
-it from tokens `[0, t)`. Rows are right-padded with `pad_id`; padding is never
-scored.
+Every per-token tensor is `[B, T]` and aligned with `tokens`: entry `t` is
+about token `t`, predicted from `tokens[:, :t]`. Rows are right-padded;
+padding is never scored, and position 0 never is (it has no prediction).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import Sequence
 
 import torch
 
+from megatron_gppo.algorithm.advantages import token_advantages
 from megatron_gppo.types import Sample
 
 
 @dataclass(frozen=True, kw_only=True)
-class RolloutTensors:
-    """A rollout batch as tensors; every field is `[num_samples, max_len]`."""
+class PolicyBatch:
+    """Sequences for the policy; every tensor is `[B, T]`, aligned with `tokens`."""
 
     tokens: torch.Tensor
-    """int64 prompt + response ids, right-padded."""
-    loss_mask: torch.Tensor
-    """bool: response tokens."""
-    advantages: torch.Tensor
-    """float32: each sample's advantage on its response tokens, 0 elsewhere."""
-    rollout_log_probs: torch.Tensor
-    """float32: the rollout engine's log-prob of each response token, 0 elsewhere."""
+    """int64 prompt + response token ids, right-padded (any id works as padding)."""
 
-    def rows(self, index: slice | torch.Tensor) -> "RolloutTensors":
-        return RolloutTensors(**{name: getattr(self, name)[index] for name in _FIELDS})
+    loss_mask: torch.Tensor
+    """bool: the response tokens to score (never position 0, which has no prediction)."""
+
+    advantages: torch.Tensor | None = None
+    """float: each sample's advantage on its response tokens (training only)."""
+
+    old_log_probs: torch.Tensor | None = None
+    """float log-probs of the policy that sampled the tokens, recomputed by the trainer (training only)."""
+
+    rollout_log_probs: torch.Tensor | None = None
+    """float log-probs reported by the rollout engine, for truncated importance sampling (optional)."""
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.tokens.shape)
+        if len(shape) != 2:
+            raise ValueError(f"tokens must be [batch, seq], got shape {shape}")
+        for name, value in self._tensors().items():
+            if tuple(value.shape) != shape:
+                raise ValueError(f"{name} must have the shape of tokens {shape}, got {tuple(value.shape)}")
+        if bool(self.loss_mask[:, 0].any()):
+            raise ValueError("loss_mask[:, 0] must be False: the first token has no prediction")
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
     @property
     def num_rows(self) -> int:
         return self.tokens.shape[0]
 
+    def rows(self, index: slice | torch.Tensor) -> PolicyBatch:
+        """The rows at `index` (a slice, or a tensor of row numbers)."""
+        return replace(self, **{name: value[index] for name, value in self._tensors().items()})
 
-_FIELDS = ("tokens", "loss_mask", "advantages", "rollout_log_probs")
+    def to(self, device: torch.device) -> PolicyBatch:
+        return replace(self, **{name: value.to(device) for name, value in self._tensors().items()})
+
+    def padded(self, *, num_rows: int, seq_len: int) -> PolicyBatch:
+        """Right-pad to `[num_rows, seq_len]`; the added rows and columns are masked out."""
+        rows, cols = self.tokens.shape
+        if (rows, cols) == (num_rows, seq_len):
+            return self
+        return replace(self, **{name: torch.nn.functional.pad(value, (0, seq_len - cols, 0, num_rows - rows))
+                                for name, value in self._tensors().items()})
 
 
-def pack_samples(samples: list[Sample], *, pad_id: int) -> RolloutTensors:
-    """Pack samples whose `advantage` is set into right-padded tensors."""
-    assert samples, "pack_samples needs at least one sample"
-    max_len = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
-    shape = (len(samples), max_len)
-    tokens = torch.full(shape, pad_id, dtype=torch.int64)
-    loss_mask = torch.zeros(shape, dtype=torch.bool)
-    advantages = torch.zeros(shape, dtype=torch.float32)
-    rollout_log_probs = torch.zeros(shape, dtype=torch.float32)
-    for row, sample in enumerate(samples):
-        assert sample.advantage is not None, "compute advantages before packing"
-        start, stop = len(sample.prompt_ids), len(sample.prompt_ids) + len(sample.response_ids)
-        tokens[row, :stop] = torch.tensor(sample.prompt_ids + sample.response_ids)
-        loss_mask[row, start:stop] = True
-        advantages[row, start:stop] = sample.advantage
-        rollout_log_probs[row, start:stop] = torch.tensor(sample.rollout_log_probs)
-    # A prompt needs at least one token, so position 0 is never scored.
-    assert not loss_mask[:, 0].any(), "every sample needs a non-empty prompt"
-    return RolloutTensors(tokens=tokens, loss_mask=loss_mask, advantages=advantages,
-                          rollout_log_probs=rollout_log_probs)
+def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *, pad_id: int) -> PolicyBatch:
+    """Prompt + response rows, right-padded with `pad_id`; the response tokens are the loss mask."""
+    assert prompts and len(prompts) == len(responses), "pack needs one response per prompt"
+    max_len = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    tokens = torch.full((len(prompts), max_len), pad_id, dtype=torch.int64)
+    loss_mask = torch.zeros(tokens.shape, dtype=torch.bool)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        assert prompt, "every sample needs a non-empty prompt"
+        tokens[row, : len(prompt) + len(response)] = torch.tensor([*prompt, *response])
+        loss_mask[row, len(prompt) : len(prompt) + len(response)] = True
+    return PolicyBatch(tokens=tokens, loss_mask=loss_mask)
+
+
+def pack_samples(samples: list[Sample], *, pad_id: int) -> PolicyBatch:
+    """Samples whose `advantage` is set, with their advantages and rollout log-probs."""
+    assert all(s.advantage is not None for s in samples), "compute advantages before packing"
+    batch = pack([s.prompt_ids for s in samples], [s.response_ids for s in samples], pad_id=pad_id)
+    advantages = token_advantages(torch.tensor([s.advantage for s in samples], dtype=torch.float32),
+                                  loss_mask=batch.loss_mask)
+    # The mask's True entries, row by row, are the samples' response tokens in order.
+    log_probs = torch.tensor([lp for s in samples for lp in s.rollout_log_probs], dtype=torch.float32)
+    rollout_log_probs = torch.zeros(batch.tokens.shape).masked_scatter(batch.loss_mask, log_probs)
+    return replace(batch, advantages=advantages, rollout_log_probs=rollout_log_probs)
 
 
 def shard_rows(num_rows: int, *, rank: int, world: int) -> slice:
@@ -71,3 +104,6 @@ def minibatch_slices(num_rows: int, num_minibatches: int) -> list[slice]:
     """Near-equal contiguous row ranges; never more minibatches than rows."""
     num = max(1, min(num_minibatches, num_rows))
     return [shard_rows(num_rows, rank=i, world=num) for i in range(num)]
+
+
+__all__ = ["PolicyBatch", "minibatch_slices", "pack", "pack_samples", "shard_rows"]

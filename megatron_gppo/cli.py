@@ -15,8 +15,8 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
-    "train": ("megatron_gppo.commands.train", "train a policy with CE-GPPO (or another registered loss) from a YAML config"),
-    "sft": ("megatron_gppo.commands.sft", "supervised warm-up through the Megatron policy, exported as a Hugging Face model"),
+    "train": ("megatron_gppo.commands.launch", "train a policy with CE-GPPO (or another registered loss) from a YAML config"),
+    "sft": ("megatron_gppo.commands.launch", "supervised warm-up through the Megatron policy, exported as a Hugging Face model"),
     "serve": ("megatron_gppo.commands.serve", "run the SGLang-protocol rollout server on CPU (transformers backend)"),
     "config": ("megatron_gppo.commands.config", "print the resolved config, or the reference of every key"),
 }

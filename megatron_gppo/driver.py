@@ -2,14 +2,14 @@
 
 The driver owns everything that is not the Megatron model: prompts and their
 sampler, the rollout engine (local servers or SGLang URLs), the reward, the
-beta schedule and the logs. The trainer asks it for each step's batch
-(`plan_step`) and hands back the step's metrics (`finish_step`).
+beta schedule and the logs. The trainer asks it for each step's rollouts
+(`collect_rollouts`) and hands back the step's metrics (`finish_step`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,22 +19,30 @@ import torch
 import torch.distributed as dist
 
 from megatron_gppo.algorithm import make_beta_schedule
-from megatron_gppo.batching import RolloutTensors, pack_samples
+from megatron_gppo.batching import PolicyBatch, pack_samples
 from megatron_gppo.config import RunConfig, save_config, to_dict
 from megatron_gppo.data import PromptSampler, encode_prompt, load_prompts, pad_token_id
 from megatron_gppo.experience import collect_experience, evaluate
 from megatron_gppo.metrics import MetricsLogger
 from megatron_gppo.model.arch import ModelArch
+from megatron_gppo.rollout.engine import mix_seed
+
+logger = logging.getLogger(__name__)
+
+# Evaluation draws its sampling seeds from a stream of its own, apart from the training steps'.
+_EVAL_SEED_OFFSET = 500_009
 
 
 @dataclass(frozen=True, kw_only=True)
-class StepPlan:
-    """What the driver decides for one step and broadcasts to every rank."""
+class RolloutBatch:
+    """One step's rollouts, scored, with the betas to train them with; the driver broadcasts it to every rank."""
 
-    batch: RolloutTensors
+    batch: PolicyBatch
+    """Prompt + response tokens with advantages and rollout log-probs, `[num_samples, T]`."""
     beta1: float
     beta2: float
     metrics: dict[str, float]
+    """Rollout metrics: reward, response lengths, dynamic-sampling counts, betas."""
 
 
 def beta_schedule_from_config(config: RunConfig):
@@ -62,14 +70,15 @@ def cpu_threads_per_process(config: RunConfig) -> int:
     return max(1, (os.cpu_count() or 1) // (num_local_ranks + num_servers))
 
 
-def setup_policy(config: RunConfig):
-    """Every rank: validate the layout, build the policy, load weights or resume.
+def setup_policy(config: RunConfig, *, resume: bool):
+    """Every rank: validate the layout, build the policy, then resume (when `resume` and a checkpoint
+    exists) or load the initial weights.
 
     Returns `(policy, arch, start_step, driver_state)`.
     """
     from megatron_gppo.checkpoint.convert import convert_hf_to_megatron
     from megatron_gppo.checkpoint.live import load_megatron_weights
-    from megatron_gppo.checkpoint.training import resume
+    from megatron_gppo.checkpoint.training import resume as resume_checkpoint
     from megatron_gppo.model.parallel import init_distributed
     from megatron_gppo.model.policy import Policy
 
@@ -80,8 +89,8 @@ def setup_policy(config: RunConfig):
         torch.set_num_threads(cpu_threads_per_process(config))
     dims = init_distributed(config.parallel, arch=arch, seed=config.train.seed)
     policy = Policy(arch=arch, dims=dims, model=config.model, train=config.train)
-    state = resume(config.train.output_dir, model=policy.model, optimizer=policy.optimizer,
-                   scheduler=policy.scheduler) if config.checkpoint.resume else None
+    state = resume_checkpoint(config.train.output_dir, model=policy.model, optimizer=policy.optimizer,
+                              scheduler=policy.scheduler) if resume else None
     if state is not None:
         return policy, arch, state.step, state.extra
 
@@ -150,15 +159,15 @@ class Driver:
         if not kept:
             raise ValueError(f"{path}: every prompt is longer than data.max_prompt_tokens={data.max_prompt_tokens}")
         if len(kept) < len(prompts):
-            print(f"{path}: skipped {len(prompts) - len(kept)} prompts longer than {data.max_prompt_tokens} tokens",
-                  file=sys.stderr)
+            logger.warning("%s: skipped %d prompts longer than %d tokens", path, len(prompts) - len(kept),
+                           data.max_prompt_tokens)
         return kept, ids
 
-    def plan_step(self, step: int) -> StepPlan:
+    def collect_rollouts(self, step: int) -> RolloutBatch:
+        """Generate, score and filter this step's samples (seeded by the step, so a resume repeats them)."""
         beta1, beta2 = self.betas.betas(step, entropy=self.last_entropy)
         alg = self.config.algorithm
-        # Seeded per step, so a resumed run samples exactly what an uninterrupted one would.
-        sampling = replace(self.sampling, seed=self.config.train.seed * 1_000_033 + step)
+        sampling = replace(self.sampling, seed=mix_seed(self.config.train.seed, step))
         experience = collect_experience(
             engine=self.engine, prompts=self.train_prompts, encoded_prompts=self.train_ids, sampler=self.sampler,
             reward_fn=self.reward, sampling=sampling, num_groups=self.config.train.prompts_per_step,
@@ -169,8 +178,8 @@ class Driver:
             self.engine.release_memory()  # the trainer needs the accelerators until the next weight sync
             self.memory_released = True
         metrics = {**experience.metrics, "beta1": beta1, "beta2": beta2}
-        return StepPlan(batch=pack_samples(experience.samples, pad_id=self.pad_id), beta1=beta1, beta2=beta2,
-                        metrics=metrics)
+        return RolloutBatch(batch=pack_samples(experience.samples, pad_id=self.pad_id), beta1=beta1, beta2=beta2,
+                            metrics=metrics)
 
     def update_weights(self, named_tensors, *, version: str) -> None:
         if self.memory_released:
@@ -184,7 +193,7 @@ class Driver:
         due = force or step == self.config.train.max_steps or (every and step % every == 0)
         if not self.eval_prompts or not due:
             return {}
-        sampling = replace(self.eval_sampling, seed=self.config.train.seed * 1_000_033 + 500_009 + step)
+        sampling = replace(self.eval_sampling, seed=mix_seed(self.config.train.seed, _EVAL_SEED_OFFSET + step))
         metrics = evaluate(engine=self.engine, prompts=self.eval_prompts, encoded_prompts=self.eval_ids,
                            reward_fn=self.reward, sampling=sampling,
                            num_samples=self.config.train.eval_samples_per_prompt)
@@ -221,4 +230,4 @@ class Driver:
             self.logger.close()
             if self.config.logging.plots:
                 written = write_run_plots(self.run_dir)
-                print(f"plots: {', '.join(str(p) for p in written)}")
+                logger.info("plots: %s", ", ".join(str(p) for p in written))

@@ -1,6 +1,6 @@
 """Run metrics: `metrics.jsonl`, wandb, a live progress line and a final summary.
 
-`metrics.jsonl` holds one JSON object per step (contract 4 of DESIGN.md). A
+`metrics.jsonl` holds one JSON object per step (docs/metrics.md lists the keys). A
 resumed run first drops the lines of steps after its checkpoint, so every step
 appears once and a resumed run's file equals an uninterrupted one's.
 """
@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from megatron_gppo.atomic import write_text_atomic
 from megatron_gppo.config import LoggingConfig
 
 # Shown in the progress line and the summary, in this order, when present.
@@ -34,9 +33,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def _truncate_after(path: Path, step: int) -> None:
     kept = [r for r in read_metrics(path) if r["step"] <= step]
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(tmp.name, path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _format(value: Any) -> str:

@@ -10,14 +10,18 @@ seeded batches, so nothing needs broadcasting.
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from megatron_gppo.batching import PolicyBatch, pack
 from megatron_gppo.config import RunConfig
 from megatron_gppo.data import PromptSampler, encode_prompt, load_records, pad_token_id
-from megatron_gppo.model.policy import PolicyBatch
+
+logger = logging.getLogger(__name__)
 
 
 def sft_examples(config: RunConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
@@ -35,14 +39,10 @@ def sft_examples(config: RunConfig, tokenizer) -> list[tuple[list[int], list[int
 
 
 def sft_batch(examples: list[tuple[list[int], list[int]]], *, pad_id: int) -> PolicyBatch:
-    max_len = max(len(p) + len(r) for p, r in examples)
-    tokens = torch.full((len(examples), max_len), pad_id, dtype=torch.int64)
-    loss_mask = torch.zeros_like(tokens, dtype=torch.bool)
-    for row, (prompt, response) in enumerate(examples):
-        tokens[row, : len(prompt) + len(response)] = torch.tensor(prompt + response)
-        loss_mask[row, len(prompt) : len(prompt) + len(response)] = True
-    zeros = torch.zeros(tokens.shape, dtype=torch.float32)
-    return PolicyBatch(tokens=tokens, loss_mask=loss_mask, advantages=zeros, old_log_probs=zeros)
+    """The examples as a policy batch; the `sft` loss reads no advantages or old log-probs, so they are 0."""
+    batch = pack([prompt for prompt, _ in examples], [response for _, response in examples], pad_id=pad_id)
+    zeros = torch.zeros(batch.tokens.shape, dtype=torch.float32)
+    return replace(batch, advantages=zeros, old_log_probs=zeros)
 
 
 def run(config: RunConfig) -> Path:
@@ -52,36 +52,36 @@ def run(config: RunConfig) -> Path:
 
     from megatron_gppo.batching import shard_rows
     from megatron_gppo.checkpoint.live import iter_hf_tensors
+    from megatron_gppo.config import to_dict
     from megatron_gppo.driver import setup_policy
     from megatron_gppo.metrics import MetricsLogger
-    from megatron_gppo.config import to_dict
     from megatron_gppo.rollout.weight_sync import save_safetensors_atomic
 
-    policy, arch, start_step, _ = setup_policy(config)
+    # A warm-up is short and writes only its HF export: it always starts from model.hf_path.
+    policy, arch, _, _ = setup_policy(config, resume=False)
     tokenizer = AutoTokenizer.from_pretrained(config.model.hf_path)
     pad_id = pad_token_id(tokenizer)
     examples = sft_examples(config, tokenizer)
     sampler = PromptSampler(len(examples), seed=config.train.seed, shuffle=config.data.shuffle)
-    sampler.next_indices(start_step * config.train.prompts_per_step)  # skip what a resumed run has seen
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     is_driver = dist.get_rank() == 0
-    logger = (MetricsLogger(run_dir=config.train.output_dir, config=config.logging, run_config=to_dict(config),
-                            max_steps=config.train.max_steps, start_step=start_step) if is_driver else None)
+    metrics = (MetricsLogger(run_dir=config.train.output_dir, config=config.logging, run_config=to_dict(config),
+                             max_steps=config.train.max_steps) if is_driver else None)
     log_every = max(1, config.train.max_steps // 20)
-    for step in range(start_step + 1, config.train.max_steps + 1):
+    for step in range(1, config.train.max_steps + 1):
         indices = sampler.next_indices(config.train.prompts_per_step)
         mine = [examples[i] for i in indices][shard_rows(len(indices), rank=dp_rank, world=dp_size)]
         result = policy.forward_backward_step(sft_batch(mine, pad_id=pad_id), loss_name="sft",
                                               micro_batch_size=config.train.micro_batch_size)
-        if logger is not None and (step % log_every == 0 or step == config.train.max_steps):
-            logger.log(step, {"sft_loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr})
+        if metrics is not None and (step % log_every == 0 or step == config.train.max_steps):
+            metrics.log(step, {"sft_loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr})
 
     hf_dir = Path(config.train.output_dir) / "hf"
     tensors = iter_hf_tensors(policy.chunks, arch=arch, all_stages=True)
     if is_driver:
         save_safetensors_atomic(tensors, hf_dir, copy_files_from=config.model.hf_path)
-        logger.close()
-        print(f"SFT model written to {hf_dir}")
+        metrics.close()
+        logger.info("SFT model written to %s", hf_dir)
     else:
         for _ in tensors:
             pass

@@ -14,32 +14,29 @@ latest complete checkpoint.
 
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 
-from megatron_gppo.algorithm import combine_metrics
-from megatron_gppo.batching import minibatch_slices, shard_rows
+from megatron_gppo.algorithm import combine_metrics, loss_kwargs
+from megatron_gppo.batching import PolicyBatch, minibatch_slices, shard_rows
 from megatron_gppo.config import RunConfig
-from megatron_gppo.driver import Driver, StepPlan, setup_policy
+from megatron_gppo.driver import Driver, RolloutBatch, setup_policy
 from megatron_gppo.model.arch import ModelArch
-from megatron_gppo.model.policy import Policy, PolicyBatch
+from megatron_gppo.model.policy import Policy
+
+logger = logging.getLogger(__name__)
 
 
 def loss_hparams(config: RunConfig, *, beta1: float, beta2: float) -> dict:
     """Keyword arguments of `compute_policy_loss` for the configured loss (null keys keep its defaults)."""
     alg = config.algorithm
-    hparams = {"aggregation": alg.aggregation, "entropy_coef": alg.entropy_coef, "nll_coef": alg.nll_coef}
-    if alg.tis_cap is not None:
-        hparams["tis_cap"] = alg.tis_cap
-    clip = {"eps_low": alg.eps_low, "eps_high": alg.eps_high}
-    if alg.loss in ("ce_gppo", "ppo", "grpo", "dapo"):
-        clip["dual_clip_c"] = alg.dual_clip_c
-    if alg.loss == "ce_gppo":
-        clip.update(beta1=beta1, beta2=beta2)
-    hparams.update({key: value for key, value in clip.items() if value is not None})
-    return hparams
+    return loss_kwargs(alg.loss, aggregation=alg.aggregation, entropy_coef=alg.entropy_coef, nll_coef=alg.nll_coef,
+                       tis_cap=alg.tis_cap, eps_low=alg.eps_low, eps_high=alg.eps_high,
+                       dual_clip_c=alg.dual_clip_c, beta1=beta1, beta2=beta2)
 
 
 def _rank_rows(num_rows: int, *, num_minibatches: int, dp_rank: int, dp_size: int) -> tuple[list[int], list[slice]]:
@@ -76,45 +73,37 @@ def masked_mean_over_dp(values: torch.Tensor, mask: torch.Tensor, policy: Policy
     return total / max(count, 1.0)
 
 
-def train_on_batch(policy: Policy, plan: StepPlan, *, config: RunConfig) -> dict[str, float]:
+def train_on_batch(policy: Policy, rollouts: RolloutBatch, *, config: RunConfig) -> dict[str, float]:
     """Old log-prob recompute, then `num_epochs` x `num_minibatches` optimizer steps; returns metrics."""
     from megatron.core import parallel_state
 
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    rows, segments = _rank_rows(plan.batch.num_rows, num_minibatches=config.train.num_minibatches,
+    rows, segments = _rank_rows(rollouts.batch.num_rows, num_minibatches=config.train.num_minibatches,
                                 dp_rank=dp_rank, dp_size=dp_size)
-    mine = plan.batch.rows(torch.tensor(rows, dtype=torch.long))
+    batch = rollouts.batch.rows(torch.tensor(rows, dtype=torch.long))
     temperature = config.rollout.temperature
     micro_batch_size = config.train.micro_batch_size
-    scored = PolicyBatch(tokens=mine.tokens, loss_mask=mine.loss_mask, rollout_log_probs=mine.rollout_log_probs)
 
-    old_log_probs, entropy = policy.compute_log_probs(scored, temperature=temperature, micro_batch_size=micro_batch_size)
-    metrics = rollout_mismatch(scored, train_log_probs=old_log_probs, policy=policy)
-    metrics["entropy"] = masked_mean_over_dp(entropy, mine.loss_mask.to(entropy.device), policy)
+    old_log_probs, entropy = policy.compute_log_probs(batch, temperature=temperature, micro_batch_size=micro_batch_size)
+    # What the sampling policy was like, measured on its own samples before the update.
+    sampled = rollout_mismatch(batch, train_log_probs=old_log_probs, policy=policy)
+    sampled["entropy"] = masked_mean_over_dp(entropy, batch.loss_mask.to(entropy.device), policy)
 
-    full = PolicyBatch(tokens=mine.tokens, loss_mask=mine.loss_mask, advantages=mine.advantages,
-                       old_log_probs=old_log_probs.cpu(),
-                       rollout_log_probs=mine.rollout_log_probs if config.algorithm.tis_cap is not None else None)
-    hparams = loss_hparams(config, beta1=plan.beta1, beta2=plan.beta2)
-    updates = []
-    for _ in range(config.train.num_epochs):
-        for segment in segments:
-            result = policy.forward_backward_step(
-                full.rows(segment.start, segment.stop), loss_name=config.algorithm.loss, loss_hparams=hparams,
-                temperature=temperature, micro_batch_size=micro_batch_size,
-            )
-            updates.append(result)
-    update_metrics = combine_metrics(result.metrics for result in updates)
-    # The rollout-time entropy above is the policy's; the loss' own is measured mid-update.
-    update_metrics.pop("entropy", None)
-    metrics.update(update_metrics)
-    metrics.update(
-        loss=sum(r.loss for r in updates) / len(updates),
-        grad_norm=sum(r.grad_norm for r in updates) / len(updates),
-        lr=updates[-1].lr,
-        num_updates=float(len(updates)),
-    )
-    return metrics
+    batch = replace(batch, old_log_probs=old_log_probs.cpu(),
+                    rollout_log_probs=batch.rollout_log_probs if config.algorithm.tis_cap is not None else None)
+    hparams = loss_hparams(config, beta1=rollouts.beta1, beta2=rollouts.beta2)
+    updates = [policy.forward_backward_step(batch.rows(segment), loss_name=config.algorithm.loss,
+                                            loss_hparams=hparams, temperature=temperature,
+                                            micro_batch_size=micro_batch_size)
+               for _ in range(config.train.num_epochs) for segment in segments]
+    return {
+        **combine_metrics(result.metrics for result in updates),
+        **sampled,
+        "loss": sum(r.loss for r in updates) / len(updates),
+        "grad_norm": sum(r.grad_norm for r in updates) / len(updates),
+        "lr": updates[-1].lr,
+        "num_updates": float(len(updates)),
+    }
 
 
 def from_driver(value):
@@ -127,7 +116,7 @@ def from_driver(value):
 def run(config: RunConfig) -> None:
     """Train until `train.max_steps` or a stop request; the whole job calls this (torchrun, srun or one process)."""
     started = time.monotonic()
-    policy, arch, start_step, extra = setup_policy(config)
+    policy, arch, start_step, extra = setup_policy(config, resume=config.checkpoint.resume)
     driver = (Driver(config, arch=arch, start_step=start_step, extra=extra, started=started)
               if dist.get_rank() == 0 else None)
     try:
@@ -144,12 +133,12 @@ def run(config: RunConfig) -> None:
                 if saved_step < step - 1:
                     save(policy, driver, config=config, step=step - 1)
                 if driver is not None:
-                    print(f"stopped after step {step - 1} ({reason}); checkpoint saved. To resume, delete "
-                          f"{driver.stop_file} and rerun the same command (the Slurm launchers do both)", flush=True)
+                    logger.info("stopped after step %d (%s); checkpoint saved. To resume, delete %s and rerun the "
+                                "same command (the Slurm launchers do both)", step - 1, reason, driver.stop_file)
                 break
             step_started = time.monotonic()
-            plan = from_driver(driver.plan_step(step) if driver is not None else None)
-            metrics = {**plan.metrics, **train_on_batch(policy, plan, config=config)}
+            rollouts = from_driver(driver.collect_rollouts(step) if driver is not None else None)
+            metrics = {**rollouts.metrics, **train_on_batch(policy, rollouts, config=config)}
             if config.rollout.colocate and torch.cuda.is_available():
                 torch.cuda.empty_cache()  # give cached training memory back before the servers resume theirs
             sync_weights(policy, driver, arch=arch, version=f"step-{step}")

@@ -11,6 +11,7 @@ from megatron_gppo.algorithm.losses import (
     TokenLoss,
     aggregate,
     compute_policy_loss,
+    loss_kwargs,
     loss_normalizers,
 )
 from megatron_gppo.algorithm.schedules import (
@@ -36,6 +37,7 @@ __all__ = [
     "compute_policy_loss",
     "dynamic_sampling_mask",
     "group_advantages",
+    "loss_kwargs",
     "loss_normalizers",
     "make_beta_schedule",
     "token_advantages",

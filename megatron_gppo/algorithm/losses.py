@@ -51,11 +51,14 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
 
 from megatron_gppo.algorithm import diagnostics
+from megatron_gppo.algorithm.bounds import Bound
 
 # exp() of a log-ratio above ~88 overflows float32 to inf, and inf * 0 in the
 # backward pass of masked tokens turns gradients into NaN. A token whose ratio
@@ -181,32 +184,6 @@ def ppo_token_loss(
     return TokenLoss(loss, clipped_low, clipped_high, clipped_dual)
 
 
-def dapo_token_loss(
-    *,
-    log_probs: torch.Tensor,
-    old_log_probs: torch.Tensor,
-    advantages: torch.Tensor,
-    loss_mask: torch.Tensor,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    dual_clip_c: float | None = None,
-) -> TokenLoss:
-    """DAPO (arXiv 2503.14476): the PPO clipped surrogate with clip-higher (eps_high 0.28).
-
-    DAPO's token-mean aggregation is the default `aggregation`. Tensors as in
-    `ce_gppo_token_loss`.
-    """
-    return ppo_token_loss(
-        log_probs=log_probs,
-        old_log_probs=old_log_probs,
-        advantages=advantages,
-        loss_mask=loss_mask,
-        eps_low=eps_low,
-        eps_high=eps_high,
-        dual_clip_c=dual_clip_c,
-    )
-
-
 def cispo_token_loss(
     *,
     log_probs: torch.Tensor,
@@ -281,11 +258,16 @@ POLICY_LOSSES: dict[str, Callable[..., TokenLoss]] = {
     "ce_gppo": ce_gppo_token_loss,
     "ppo": ppo_token_loss,
     "grpo": ppo_token_loss,
-    "dapo": dapo_token_loss,
+    # DAPO (arXiv 2503.14476): the PPO clipped surrogate with clip-higher; its
+    # token-mean aggregation is the default `aggregation`.
+    "dapo": partial(ppo_token_loss, eps_high=0.28),
     "cispo": cispo_token_loss,
     "gspo": gspo_token_loss,
     "sft": sft_token_loss,
 }
+
+# What `algorithm.loss` may name: every variant but `sft`, which fits targets, not rewards.
+RL_LOSSES = tuple(name for name in POLICY_LOSSES if name != "sft")
 
 
 def _denominator(normalizer: float | torch.Tensor | None, local_count: torch.Tensor) -> torch.Tensor | float:
@@ -377,37 +359,23 @@ def truncated_is_weights(
     return weight.clamp(max=tis_cap), truncated
 
 
-def _check(name: str, value: Any, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"policy-loss hparam '{name}' = {value!r}: expected {allowed}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-_HPARAM_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "eps_low": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "eps_high": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "beta1": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "beta2": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "dual_clip_c": (lambda v: v is None or (_is_number(v) and v > 1), "None (off) or a number > 1"),
+# The range of every bounded hyperparameter; the run config's fields use the same bounds.
+HPARAM_BOUNDS: dict[str, Bound] = {
+    "eps_low": Bound(ge=0, lt=1),
+    "eps_high": Bound(ge=0, lt=1),
+    "beta1": Bound(ge=0),
+    "beta2": Bound(ge=0),
+    "dual_clip_c": Bound(gt=1),
+    "entropy_coef": Bound(ge=0),
+    "nll_coef": Bound(ge=0),
+    "tis_cap": Bound(ge=1),
+    "high_prob_threshold": Bound(gt=0, lt=1),
 }
 
 
-_COMMON_HPARAMS = (
-    "aggregation",
-    "token_normalizer",
-    "sequence_normalizer",
-    "entropy",
-    "entropy_coef",
-    "nll_coef",
-    "nll_token_normalizer",
-    "nll_sequence_normalizer",
-    "rollout_log_probs",
-    "tis_cap",
-    "high_prob_threshold",
-)
+def _check(name: str, value: Any, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"policy-loss hparam '{name}' = {value!r}: expected {allowed}")
 
 
 def _check_shapes(log_probs: torch.Tensor, **tensors: torch.Tensor | None) -> None:
@@ -419,10 +387,35 @@ def _check_shapes(log_probs: torch.Tensor, **tensors: torch.Tensor | None) -> No
             raise ValueError(f"{key} has shape {tuple(tensor.shape)}, expected log_probs' shape {expected}")
 
 
-def _loss_hparam_names(name: str) -> list[str]:
-    """Hyperparameters a registered variant accepts: its keyword arguments with defaults."""
-    parameters = inspect.signature(POLICY_LOSSES[name]).parameters.values()
-    return [p.name for p in parameters if p.default is not inspect.Parameter.empty]
+def _keyword_defaults(fn: Callable[..., Any]) -> dict[str, Any]:
+    return {p.name: p.default for p in inspect.signature(fn).parameters.values()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _variant_hparams(name: str) -> dict[str, Any]:
+    """The hyperparameters a registered variant accepts, with its defaults (its keyword arguments)."""
+    return _keyword_defaults(POLICY_LOSSES[name])
+
+
+def _common_hparams() -> dict[str, Any]:
+    """The keyword arguments every variant shares through `compute_policy_loss`, with their defaults."""
+    return _keyword_defaults(compute_policy_loss)
+
+
+def hparam_default(key: str, *, loss: str = "ce_gppo") -> Any:
+    """The default of hyperparameter `key` of policy loss `loss` (its own, or a common one)."""
+    defaults = {**_common_hparams(), **_variant_hparams(loss)}
+    return defaults[key]
+
+
+def loss_kwargs(name: str, **values: Any) -> dict[str, Any]:
+    """The keyword arguments of `compute_policy_loss(name, ...)` among `values`.
+
+    Keys the variant does not take are dropped (e.g. `beta1` for `ppo`), and so
+    are None values, which keep the loss's own default.
+    """
+    accepted = {**_common_hparams(), **_variant_hparams(name)}
+    return {key: value for key, value in values.items() if key in accepted and value is not None}
 
 
 def _validate(
@@ -439,29 +432,24 @@ def _validate(
 ) -> None:
     if name not in POLICY_LOSSES:
         raise ValueError(f"unknown policy loss '{name}'; registered: {', '.join(sorted(POLICY_LOSSES))}")
-    known = _loss_hparam_names(name)
-    for key, value in loss_hparams.items():
+    known = _variant_hparams(name)
+    for key in loss_hparams:
         if key not in known:
             raise ValueError(
                 f"unknown hparam '{key}' for policy loss '{name}'; it takes {', '.join(known)} "
-                f"and the common {', '.join(_COMMON_HPARAMS)}"
+                f"and the common {', '.join(_common_hparams())}"
             )
-        if key in _HPARAM_CHECKS:
-            ok, allowed = _HPARAM_CHECKS[key]
-            _check(key, value, ok(value), allowed)
+    bounded = {**loss_hparams, "entropy_coef": entropy_coef, "nll_coef": nll_coef, "tis_cap": tis_cap,
+               "high_prob_threshold": high_prob_threshold}
+    for key, value in bounded.items():
+        optional = key in known and known[key] is None  # e.g. dual_clip_c: None switches it off
+        bound = HPARAM_BOUNDS.get(key)
+        if bound is not None and not (optional and value is None):
+            _check(key, value, bound.contains(value), ("None (off) or " if optional else "") + bound.describe())
     _check("aggregation", aggregation, aggregation in AGGREGATIONS, f"one of {', '.join(AGGREGATIONS)}")
     for key, value in normalizers.items():
         _check(key, value, value is None or float(value) >= 0, "None or a count >= 0")
-    _check("entropy_coef", entropy_coef, _is_number(entropy_coef) and entropy_coef >= 0, "a number >= 0")
     _check("entropy", None, entropy_coef == 0 or entropy is not None, "a per-token tensor when entropy_coef != 0")
-    _check("nll_coef", nll_coef, _is_number(nll_coef) and nll_coef >= 0, "a number >= 0")
-    _check("tis_cap", tis_cap, _is_number(tis_cap) and tis_cap > 0, "a number > 0")
-    _check(
-        "high_prob_threshold",
-        high_prob_threshold,
-        _is_number(high_prob_threshold) and 0 < high_prob_threshold < 1,
-        "a number in (0, 1)",
-    )
 
 
 @torch.no_grad()

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
+from megatron_gppo.algorithm.losses import hparam_default
+
 BetaPair = tuple[float, float]
 
 
@@ -66,8 +68,8 @@ def _check_kind(state: dict[str, Any], kind: str) -> None:
 class ConstantBetas(_Stateless):
     """The same (beta1, beta2) at every step; defaults are the paper's 1.5B setting."""
 
-    beta1: float = 0.5
-    beta2: float = 1.0
+    beta1: float = hparam_default("beta1")
+    beta2: float = hparam_default("beta2")
     kind = "constant"
 
     def __post_init__(self) -> None:
@@ -135,7 +137,7 @@ class EntropyTargetController:
     low: float
     high: float
     _: KW_ONLY
-    initial: BetaPair = (0.5, 1.0)
+    initial: BetaPair = (hparam_default("beta1"), hparam_default("beta2"))
     step_size: float = 0.05
     beta1_bounds: BetaPair = (0.0, 2.0)
     beta2_bounds: BetaPair = (0.0, 2.0)

@@ -21,13 +21,12 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from megatron_gppo.atomic import atomic_directory
 from megatron_gppo.checkpoint import mapping_for_config
 from megatron_gppo.checkpoint.dist_io import Chunk, TorchDistReader, save_chunks
 from megatron_gppo.checkpoint.hf_io import HFWeights, ShardedSafetensorsWriter, copy_side_files, parse_size, read_config
@@ -54,22 +53,10 @@ def _progress(total: int, *, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, dynamic_ncols=True)
 
 
-def _fresh_output(output_dir: Path) -> Path:
-    """A temporary directory beside `output_dir` (same filesystem, so the final rename is atomic)."""
+def _check_fresh(output_dir: Path) -> None:
+    """A conversion never overwrites: `output_dir` must not exist or be empty."""
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise ValueError(f"{output_dir} already exists and is not empty; remove it or choose another output directory")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should be a normal directory
-    return tmp
-
-
-def _publish(tmp: Path, output_dir: Path) -> None:
-    if output_dir.exists():
-        output_dir.rmdir()  # empty, checked by _fresh_output
-    os.replace(tmp, output_dir)
 
 
 # ----------------------------------------------------------------------------
@@ -178,8 +165,8 @@ def convert_hf_to_megatron(hf_dir: str | os.PathLike, output_dir: str | os.PathL
         _check_tensor_names(weights, family, arch)
         chunks = hf_checkpoint_chunks(weights, family.bound_maps(arch), arch=arch)
         maps = {(c.key, c.offset): m for c, m in chunks}
-        tmp = _fresh_output(output_dir)
-        try:
+        _check_fresh(output_dir)
+        with atomic_directory(output_dir) as tmp:
             bar = _progress(len(chunks), desc="hf -> megatron", enabled=progress)
 
             def resolve(chunk: Chunk) -> torch.Tensor:
@@ -192,10 +179,6 @@ def convert_hf_to_megatron(hf_dir: str | os.PathLike, output_dir: str | os.PathL
                         objects=extra_state_objects(num_layers=arch.num_layers))
             bar.close()
             copy_side_files(hf_dir, tmp / HF_SUBDIR)
-            _publish(tmp, output_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return output_dir
 
 
@@ -260,8 +243,8 @@ def convert_megatron_to_hf(
     family = mapping_for_config(config)
     arch = ModelArch.from_hf_config(config)
     reader = TorchDistReader(megatron_dir)
-    tmp = _fresh_output(output_dir)
-    try:
+    _check_fresh(output_dir)
+    with atomic_directory(output_dir) as tmp:
         copy_side_files(side, tmp)
         if dtype is not None:
             config_path = tmp / "config.json"
@@ -278,10 +261,6 @@ def convert_megatron_to_hf(
             bar.update(1)
         bar.close()
         writer.finish()
-        _publish(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output_dir
 
 

@@ -29,8 +29,8 @@ The optimizer state reshards across DP sizes ("dp_reshardable").
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import logging
 import os
 import random
 import re
@@ -38,11 +38,16 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from megatron_gppo.atomic import fsync_dir, publish_directory, write_text_atomic
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
@@ -131,32 +136,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _config_dict(config: Any) -> dict[str, Any]:
     if config is None:
         return {}
-    if dataclasses.is_dataclass(config):
-        from megatron_gppo.config import to_dict
+    if isinstance(config, Mapping):
+        return dict(config)
+    from megatron_gppo.config import to_dict
 
-        return to_dict(config)
-    return dict(config)
+    return to_dict(config)
 
 
 # ----------------------------------------------------------------------------
@@ -314,12 +301,10 @@ def save_training_checkpoint(
     if _rank() == 0:
         if hf_dir is not None:
             copy_side_files(hf_dir, tmp / HF_SUBDIR)
-        _write_atomic(tmp / STATE_FILE, state_json)
-        if final.exists():  # the same step saved again (e.g. after resuming from it)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        _write_atomic(root / LATEST_FILE, final.name + "\n")
+        write_text_atomic(tmp / STATE_FILE, state_json, durable=True)
+        publish_directory(tmp, final)  # replaces the same step saved again (e.g. after resuming from it)
+        fsync_dir(root)
+        write_text_atomic(root / LATEST_FILE, final.name + "\n", durable=True)
         for old in list_checkpoints(run_dir)[:-keep_last]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
@@ -372,7 +357,7 @@ def load_training_checkpoint(
     if restore_rng:
         _set_rng_states(loaded["rng_state"])
     elif load_rng and _rank() == 0:
-        print(f"warning: {path.name} was saved at another tensor/pipeline layout; RNG states stay as seeded")
+        logger.warning("%s was saved at another tensor/pipeline layout; RNG states stay as seeded", path.name)
     return TrainingState(step=int(meta["step"]), extra=meta.get("extra", {}), config=meta.get("config", {}), path=path)
 
 
@@ -388,8 +373,7 @@ def resume(
     if latest is None:
         return None
     state = load_training_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler)
-    if _rank() == 0:
-        print(f"Resuming from step {state.step} ({latest})", flush=True)
+    logger.info("Resuming from step %d (%s)", state.step, latest)
     return state
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_gppo.ports import free_port
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -29,14 +31,6 @@ class VerifyLayout:
     @property
     def world_size(self) -> int:
         return self.tp * self.pp
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def sample_tokens(*, vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) -> torch.Tensor:
@@ -195,5 +189,5 @@ def verify_conversion(
         return json.loads(Path(result_path).read_text())
 
 
-__all__ = ["VerifyLayout", "compare", "free_port", "megatron_logits", "reference_logits", "run_rank", "sample_tokens",
+__all__ = ["VerifyLayout", "compare", "megatron_logits", "reference_logits", "run_rank", "sample_tokens",
            "verify_conversion"]

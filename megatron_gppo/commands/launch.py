@@ -1,22 +1,31 @@
-"""Shared by `train` and `sft`: validate a run's config, then run it here or start its processes.
+"""`megatron-gppo train | sft CONFIG.yaml [dotted.key=value ...]`: validate a run's config, then run it.
 
-Under torchrun or srun every process runs the job. Started by hand with a
-layout that needs several processes (e.g. `parallel.tensor_parallel=2` on a
-laptop), the command starts them itself through torchrun on this machine.
+`train` is CE-GPPO (or another registered loss) RL training
+(`megatron_gppo.trainer`); `sft` is the supervised warm-up exported to
+`train.output_dir/hf` (`megatron_gppo.sft`). Under torchrun or srun every
+process runs the job. Started by hand with a layout that needs several
+processes (e.g. `parallel.tensor_parallel=2` on a laptop), the command starts
+them itself through torchrun on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import logging
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+
+logger = logging.getLogger(__name__)
+
+# Each run command's job: a module whose `run(config)` every process calls.
+JOBS = {"train": "megatron_gppo.trainer", "sft": "megatron_gppo.sft"}
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file, e.g. examples/configs/demo_cpu.yaml")
     parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="dotted overrides, e.g. train.max_steps=10")
@@ -39,8 +48,8 @@ def check_paths(config) -> None:
             raise FileNotFoundError(f"config key '{key}': {path} does not exist")
 
 
-def launch(args: argparse.Namespace, *, command: str, job: Callable) -> int:
-    """Load and check the config, validate the layout, then run `job(config)` in every process."""
+def run(args: argparse.Namespace) -> int:
+    """Load and check the config, validate the layout, then run the command's job in every process."""
     from megatron_gppo.config import load_config
     from megatron_gppo.model.arch import ModelArch
     from megatron_gppo.model.parallel import ParallelDims, validate_layout
@@ -55,14 +64,14 @@ def launch(args: argparse.Namespace, *, command: str, job: Callable) -> int:
         validate_layout(ParallelDims.from_config(parallel, world_size=num_processes), arch)
         if num_processes > 1:
             torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        f"--nproc-per-node={num_processes}", "-m", "megatron_gppo.cli", command,
+                        f"--nproc-per-node={num_processes}", "-m", "megatron_gppo.cli", args.command,
                         args.config, *args.overrides]
-            print(f"starting {num_processes} local processes: {' '.join(torchrun[1:])}", file=sys.stderr)
+            logger.info("starting %d local processes: %s", num_processes, " ".join(torchrun[1:]))
             return subprocess.call(torchrun)
     # SIGTERM (scancel, torchrun stopping its workers, kill) unwinds like Ctrl-C does, so
     # the run's `finally` blocks stop the rollout servers and reward workers it started.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    job(config)
+    importlib.import_module(JOBS[args.command]).run(config)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Run megatron-core on a machine without CUDA, without touching torch itself.
 
 megatron-core 0.16 assumes CUDA in a handful of places (see
-notes/megatron-core-on-cpu.md): `torch.cuda.current_device()` in layer
+docs/megatron-core-on-cpu.md): `torch.cuda.current_device()` in layer
 construction and the pipeline schedules, `device="cuda"` factory calls,
 `torch.cuda.synchronize` / streams / events, the CUDA RNG tracker,
 `param.type() == 'torch.cuda.FloatTensor'` checks in the optimizer, and a

@@ -19,6 +19,7 @@ from typing import Mapping
 
 from megatron_gppo.config import ParallelConfig
 from megatron_gppo.model.arch import ModelArch
+from megatron_gppo.ports import free_port
 
 
 def _divisors(n: int) -> str:
@@ -171,7 +172,7 @@ def launch_env(environ: Mapping[str, str]) -> LaunchEnv:
         local_rank = int(environ.get("SLURM_LOCALID", 0))
     elif not environ.get("MASTER_ADDR"):
         # A plain `python script.py`: a one-process group on this machine.
-        return LaunchEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=_free_port())
+        return LaunchEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=free_port())
     else:
         raise ValueError("MASTER_ADDR is set but neither RANK/WORLD_SIZE (torchrun) nor"
                          " SLURM_PROCID/SLURM_NTASKS (srun) are; launch with torchrun or srun")
@@ -180,17 +181,9 @@ def launch_env(environ: Mapping[str, str]) -> LaunchEnv:
             raise ValueError("MASTER_ADDR and MASTER_PORT must be set for a multi-process launch"
                              " (torchrun sets them; under srun export them in the sbatch script)")
         return LaunchEnv(rank=rank, world_size=1, local_rank=local_rank, master_addr="127.0.0.1",
-                         master_port=_free_port())
+                         master_port=free_port())
     return LaunchEnv(rank=rank, world_size=world_size, local_rank=local_rank,
                      master_addr=environ["MASTER_ADDR"], master_port=int(environ["MASTER_PORT"]))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def init_distributed(

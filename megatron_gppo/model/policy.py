@@ -25,7 +25,7 @@ recompute) and gives every rank of the pipeline the result.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Mapping
 
@@ -38,6 +38,7 @@ from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_gppo.algorithm import diagnostics
 from megatron_gppo.algorithm.losses import compute_policy_loss, loss_normalizers
+from megatron_gppo.batching import PolicyBatch
 from megatron_gppo.config import ModelConfig, TrainConfig
 from megatron_gppo.model.arch import ModelArch
 from megatron_gppo.model.logprobs import vocab_parallel_log_probs
@@ -57,57 +58,6 @@ from megatron_gppo.model.weights import load_full_state_dict
 LogProbFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
 
-@dataclass(frozen=True, kw_only=True)
-class PolicyBatch:
-    """One data-parallel rank's sequences; every tensor is `[B, T]`, aligned with `tokens`."""
-
-    tokens: torch.Tensor
-    """int64 prompt + response token ids, right-padded (any id works as padding)."""
-
-    loss_mask: torch.Tensor
-    """bool: the response tokens to score (never position 0, which has no prediction)."""
-
-    advantages: torch.Tensor | None = None
-    """float advantages (training only)."""
-
-    old_log_probs: torch.Tensor | None = None
-    """float log-probs of the policy that sampled the tokens (training only)."""
-
-    rollout_log_probs: torch.Tensor | None = None
-    """float log-probs reported by the rollout engine, for truncated importance sampling (optional)."""
-
-    def __post_init__(self) -> None:
-        shape = tuple(self.tokens.shape)
-        if len(shape) != 2:
-            raise ValueError(f"tokens must be [batch, seq], got shape {shape}")
-        for name in ("loss_mask", "advantages", "old_log_probs", "rollout_log_probs"):
-            value = getattr(self, name)
-            if value is not None and tuple(value.shape) != shape:
-                raise ValueError(f"{name} must have the shape of tokens {shape}, got {tuple(value.shape)}")
-        if bool(self.loss_mask[:, 0].any()):
-            raise ValueError("loss_mask[:, 0] must be False: the first token has no prediction")
-
-    def padded(self, *, num_rows: int, seq_len: int) -> "PolicyBatch":
-        """Right-pad to `[num_rows, seq_len]`; the added rows and columns are masked out."""
-        rows, cols = self.tokens.shape
-        if (rows, cols) == (num_rows, seq_len):
-            return self
-
-        def pad(value):
-            if value is None:
-                return None
-            return torch.nn.functional.pad(value, (0, seq_len - cols, 0, num_rows - rows))
-
-        return PolicyBatch(**{name: pad(getattr(self, name)) for name in _FIELDS})
-
-    def rows(self, start: int, stop: int) -> "PolicyBatch":
-        return replace(self, **{n: getattr(self, n)[start:stop] for n in _FIELDS if getattr(self, n) is not None})
-
-    def to(self, device: torch.device) -> "PolicyBatch":
-        return replace(self, **{n: getattr(self, n).to(device) for n in _FIELDS if getattr(self, n) is not None})
-
-
-_FIELDS = ("tokens", "loss_mask", "advantages", "old_log_probs", "rollout_log_probs")
 _CPU = torch.device("cpu")
 
 
@@ -283,7 +233,7 @@ class Policy:
         if self.dims.sequence_parallel:
             seq_len = -(-seq_len // self.dims.tp) * self.dims.tp
         batch = batch.padded(num_rows=num_micro * micro_batch_size, seq_len=seq_len)
-        return [batch.rows(i * micro_batch_size, (i + 1) * micro_batch_size) for i in range(num_micro)]
+        return [batch.rows(slice(i * micro_batch_size, (i + 1) * micro_batch_size)) for i in range(num_micro)]
 
     def _run_schedule(self, micro_batches: list[PolicyBatch], loss_func: Callable, *, forward_only: bool) -> list:
         """megatron's pipeline schedule over `micro_batches`; returns the last stage's loss outputs."""
@@ -340,8 +290,10 @@ class Policy:
         self, hidden: torch.Tensor, *, mb: PolicyBatch, chunk: PolicyGPTModel, loss_name: str,
         loss_kwargs: dict[str, Any], loss_scale: float, temperature: float, fused: bool,
     ):
+        # The entropy costs extra vocabulary reductions; compute it only for the entropy bonus.
+        with_entropy = loss_kwargs.get("entropy_coef", 0) != 0
         log_probs, entropy = self._token_log_probs(
-            hidden, mb=mb, chunk=chunk, temperature=temperature, with_entropy=True, fused=fused)
+            hidden, mb=mb, chunk=chunk, temperature=temperature, with_entropy=with_entropy, fused=fused)
         loss, metrics = compute_policy_loss(
             loss_name,
             log_probs=log_probs,

@@ -13,37 +13,49 @@ once. A server that refuses connections is skipped until `/health` answers
 again.
 
 Control (health, pause, weight updates, ...) goes to every server directly,
-concurrently, one thread per server, and raises `RolloutError` naming the
-servers that failed.
+concurrently, and raises `RolloutError` naming the servers that failed.
+
+Both kinds of call go through one aiohttp session on one event loop, which
+the client runs on a thread of its own: synchronous callers (the trainer)
+block on a future, and control calls made with `request_each` come back as
+futures that can be waited on next to a collective (weight sync).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, Sequence, TypeVar
+
+import aiohttp
 
 from megatron_gppo.rollout.engine import SamplingParams
 from megatron_gppo.rollout.protocol import generate_payload, response_to_sample
+from megatron_gppo.rollout.sglang_requests import (AbortReq, ContinueGenerationReqInput, PauseGenerationReqInput,
+                                                   ReleaseMemoryOccupationReqInput, ResumeMemoryOccupationReqInput,
+                                                   body)
 from megatron_gppo.types import Sample
 
-if TYPE_CHECKING:
-    import aiohttp
-
-    from megatron_gppo.config import RolloutConfig
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 _PROBE_TIMEOUT_S = 5.0
-_MAX_BACKOFF_S = 10.0
+_MAX_RETRY_DELAY_S = 10.0
+_MAX_DOWN_S = 30.0
+
+
+def backoff_s(attempt: int, *, base_s: float, max_s: float) -> float:
+    """The wait before try `attempt + 1` (attempt >= 0): doubling from `base_s`, at most `max_s`."""
+    return min(base_s * 2 ** attempt, max_s)
 
 
 class RolloutError(RuntimeError):
@@ -79,7 +91,7 @@ class _ServerPool:
         self.urls = list(urls)
         self.in_flight = {url: 0 for url in urls}
         self.down_until: dict[str, float] = {}
-        self.down_for: dict[str, float] = {}
+        self.failed_probes: dict[str, int] = {}
         self.probing: set[str] = set()
         self._probe = probe
         self._stats = stats
@@ -104,10 +116,13 @@ class _ServerPool:
 
     def mark_down(self, url: str) -> None:
         if url not in self.down_until:
-            self.down_for[url] = min(2 * self.down_for.get(url, 0.5), 30.0)
-            self.down_until[url] = time.monotonic() + self.down_for[url]
+            self.failed_probes[url] = 0
+            self._probe_later(url)
             self._stats.servers_marked_down.append(url)
             logger.warning("rollout server %s is not answering; its requests go to the others", url)
+
+    def _probe_later(self, url: str) -> None:
+        self.down_until[url] = time.monotonic() + backoff_s(self.failed_probes[url], base_s=1.0, max_s=_MAX_DOWN_S)
 
     def _start_probes(self) -> None:
         now = time.monotonic()
@@ -120,11 +135,11 @@ class _ServerPool:
         try:
             if await self._probe(url):
                 self.down_until.pop(url, None)
-                self.down_for.pop(url, None)
+                self.failed_probes.pop(url, None)
                 logger.info("rollout server %s is back", url)
             else:
-                self.down_for[url] = min(2 * self.down_for[url], 30.0)
-                self.down_until[url] = time.monotonic() + self.down_for[url]
+                self.failed_probes[url] += 1
+                self._probe_later(url)
         finally:
             self.probing.discard(url)
 
@@ -140,16 +155,6 @@ def wait_each(futures: dict[str, Future]) -> dict[str, Any]:
     if errors:
         raise RolloutError("; ".join(errors))
     return answers
-
-
-def _run_sync(coro: Awaitable[T]) -> T:
-    """Run a coroutine to completion from synchronous code, even when called inside a running loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)  # type: ignore[arg-type]
-    with ThreadPoolExecutor(max_workers=1) as pool:  # e.g. inside a notebook's event loop
-        return pool.submit(asyncio.run, coro).result()  # type: ignore[arg-type]
 
 
 class SGLangClient:
@@ -172,39 +177,49 @@ class SGLangClient:
         self.control_timeout_s = control_timeout_s
         self.progress = progress
         self.last_stats = GenerateStats()
-        self._control_pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(self.server_urls)),
-                                                thread_name_prefix="rollout-control")
-        self._sessions: dict[str, Any] = {}
-        self._sessions_lock = threading.Lock()
-
-    @classmethod
-    def from_config(cls, config: RolloutConfig, *, server_urls: Sequence[str] | None = None,
-                    progress: bool = True) -> SGLangClient:
-        return cls(server_urls=list(server_urls if server_urls is not None else config.server_urls),
-                   router_url=config.router_url, api_key=config.api_key, max_concurrency=config.max_concurrency,
-                   request_timeout_s=config.request_timeout_s, max_retries=config.max_retries, progress=progress)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sglang-client", daemon=True)
+        self._thread.start()
+        self._http: aiohttp.ClientSession | None = None
 
     @property
     def generation_urls(self) -> list[str]:
         return [self.router_url] if self.router_url else self.server_urls
 
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+    def _submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        """Run `coro` on the client's loop; the future is safe to wait on from any thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the client's loop and wait; an interrupted caller cancels it."""
+        future = self._submit(coro)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    async def _session(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            # No connection cap: generation is bounded by max_concurrency, control calls are few.
+            self._http = aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(limit=0))
+        return self._http
 
     # -- generation ------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Sequence[int]], *, sampling: SamplingParams, n: int = 1,
                  desc: str = "rollout") -> list[list[Sample]]:
         """`n` samples per prompt; `result[i][j]` is sample `j` of prompt `i`. Blocks until all are in."""
-        return _run_sync(self.agenerate(prompts, sampling=sampling, n=n, desc=desc))
-
-    async def agenerate(self, prompts: Sequence[Sequence[int]], *, sampling: SamplingParams, n: int = 1,
-                        desc: str = "rollout") -> list[list[Sample]]:
-        import aiohttp
-        from tqdm.auto import tqdm
-
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        return self._run(self._generate(prompts, sampling=sampling, n=n, desc=desc))
+
+    async def _generate(self, prompts: Sequence[Sequence[int]], *, sampling: SamplingParams, n: int,
+                        desc: str) -> list[list[Sample]]:
+        from tqdm.auto import tqdm
+
+        session = await self._session()
         stats = GenerateStats()
         self.last_stats = stats
         batch = uuid.uuid4().hex[:12]
@@ -215,49 +230,47 @@ class SGLangClient:
         in_flight: dict[str, str] = {}  # rid -> url, for abort on cancellation
         start = time.monotonic()
         timeout = aiohttp.ClientTimeout(total=self.request_timeout_s)
-        connector = aiohttp.TCPConnector(limit=self.max_concurrency, limit_per_host=self.max_concurrency)
+        pool = _ServerPool(self.generation_urls, self._probe, stats)
         with tqdm(total=len(jobs), desc=desc, unit="sample", disable=not self.progress, dynamic_ncols=True) as bar:
-            async with aiohttp.ClientSession(headers=self._headers(), timeout=timeout, connector=connector) as session:
-                pool = _ServerPool(self.generation_urls, lambda url: self._probe(session, url), stats)
 
-                async def run(group: int, sample: int) -> None:
-                    seed = sampling.request_seed(group, sample)
-                    request_params = params if seed is None else {**params, "sampling_seed": seed}
-                    payload = generate_payload(prompt_ids=prompts[group], sampling_params=request_params,
-                                               rid=f"{batch}-{group}-{sample}")
-                    async with semaphore:
-                        answer, url = await self._generate_one(session, pool, payload, in_flight, stats)
-                    key = (group, sample)
-                    assert key not in results, f"slot {key} answered twice"
-                    result = response_to_sample(answer, prompt_ids=prompts[group], group_index=group,
-                                                sample_index=sample)
-                    result.metadata.update(server_url=url, rid=payload["rid"])
-                    results[key] = result
-                    stats.num_samples += 1
-                    stats.num_tokens += result.response_length
-                    stats.samples_per_server[url] = stats.samples_per_server.get(url, 0) + 1
-                    stats.seconds = time.monotonic() - start
-                    bar.update(1)
-                    bar.set_postfix_str(f"{stats.tokens_per_s:.0f} tok/s", refresh=False)
+            async def run(group: int, sample: int) -> None:
+                seed = sampling.request_seed(group, sample)
+                request_params = params if seed is None else {**params, "sampling_seed": seed}
+                payload = generate_payload(prompt_ids=prompts[group], sampling_params=request_params,
+                                           rid=f"{batch}-{group}-{sample}")
+                async with semaphore:
+                    answer, url = await self._generate_one(pool, payload, in_flight, stats, timeout=timeout)
+                key = (group, sample)
+                assert key not in results, f"slot {key} answered twice"
+                result = response_to_sample(answer, prompt_ids=prompts[group], group_index=group,
+                                            sample_index=sample)
+                result.metadata.update(server_url=url, rid=payload["rid"])
+                results[key] = result
+                stats.num_samples += 1
+                stats.num_tokens += result.response_length
+                stats.samples_per_server[url] = stats.samples_per_server.get(url, 0) + 1
+                stats.seconds = time.monotonic() - start
+                bar.update(1)
+                bar.set_postfix_str(f"{stats.tokens_per_s:.0f} tok/s", refresh=False)
 
-                tasks = [asyncio.ensure_future(run(g, s)) for g, s in jobs]
-                try:
-                    await asyncio.gather(*tasks)
-                except BaseException:
-                    unfinished = dict(in_flight)  # cancelled tasks forget their rids
-                    for task in tasks:
-                        task.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)
-                    await self._abort_rids(session, unfinished)
-                    raise
+            tasks = [asyncio.ensure_future(run(g, s)) for g, s in jobs]
+            try:
+                await asyncio.gather(*tasks)
+            except BaseException:
+                unfinished = dict(in_flight)  # cancelled tasks forget their rids
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await self._abort_rids(unfinished)
+                raise
         stats.seconds = time.monotonic() - start
         assert len(results) == len(jobs)
-        logger.info("%s: %d samples, %d tokens in %.1fs (%.0f tok/s, %d retries)", desc, stats.num_samples,
+        logger.debug("%s: %d samples, %d tokens in %.1fs (%.0f tok/s, %d retries)", desc, stats.num_samples,
                     stats.num_tokens, stats.seconds, stats.tokens_per_s, stats.retries)
         return [[results[(g, s)] for s in range(n)] for g in range(len(prompts))]
 
-    async def _generate_one(self, session: aiohttp.ClientSession, pool: _ServerPool, payload: dict,
-                            in_flight: dict[str, str], stats: GenerateStats) -> tuple[Any, str]:
+    async def _generate_one(self, pool: _ServerPool, payload: dict, in_flight: dict[str, str], stats: GenerateStats,
+                            *, timeout: aiohttp.ClientTimeout) -> tuple[Any, str]:
         """POST one request, failing over and backing off; returns (answer, url that answered)."""
         rid = payload["rid"]
         failures = 0
@@ -265,7 +278,7 @@ class SGLangClient:
             url = await pool.acquire(deadline=time.monotonic() + self.request_timeout_s)
             in_flight[rid] = url
             try:
-                return await self._post_generate(session, url, payload), url
+                return await self._post_generate(url, payload, timeout=timeout), url
             except _Retryable as err:
                 error = err
             finally:
@@ -275,21 +288,20 @@ class SGLangClient:
             if error.server_down:
                 pool.mark_down(url)
             elif isinstance(error.__cause__, asyncio.TimeoutError):  # it may still be generating there
-                await self._abort_rids(session, {rid: url})
+                await self._abort_rids({rid: url})
             if failures > self.max_retries:
                 raise RolloutError(f"request {rid} failed {failures} times; last error from {url}: {error}")
             stats.retries += 1
             logger.debug("retrying %s after %s", rid, error)
             # Failing over to another live server needs no wait; retrying the same one does.
             if not (error.server_down and pool.live()):
-                delay = min(self.backoff_s * 2 ** (failures - 1), _MAX_BACKOFF_S)
+                delay = backoff_s(failures - 1, base_s=self.backoff_s, max_s=_MAX_RETRY_DELAY_S)
                 await asyncio.sleep(delay * (0.5 + random.random()))
 
-    async def _post_generate(self, session: aiohttp.ClientSession, url: str, payload: dict) -> Any:
-        import aiohttp
-
+    async def _post_generate(self, url: str, payload: dict, *, timeout: aiohttp.ClientTimeout) -> Any:
+        session = await self._session()
         try:
-            async with session.post(f"{url}/generate", json=payload) as response:
+            async with session.post(f"{url}/generate", json=payload, timeout=timeout) as response:
                 if response.status in _RETRYABLE_STATUS:
                     raise _Retryable(f"HTTP {response.status}: {(await response.text())[:200]}")
                 if response.status >= 400:
@@ -301,65 +313,50 @@ class SGLangClient:
         except asyncio.TimeoutError as err:
             raise _Retryable(f"no answer within {self.request_timeout_s}s") from err
 
-    async def _probe(self, session: aiohttp.ClientSession, url: str) -> bool:
-        import aiohttp
-
+    async def _probe(self, url: str) -> bool:
         try:
-            async with session.get(f"{url}/health", timeout=aiohttp.ClientTimeout(total=_PROBE_TIMEOUT_S)) as response:
-                return response.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            await self._request(url, "/health", method="GET", timeout_s=_PROBE_TIMEOUT_S)
+        except RolloutError:
             return False
+        return True
 
-    async def _abort_rids(self, session: aiohttp.ClientSession, rids: dict[str, str]) -> None:
+    async def _abort_rids(self, rids: dict[str, str]) -> None:
         """Best effort: ask servers to stop generating for requests nobody waits for any more."""
-        import aiohttp
-
         async def abort(rid: str, url: str) -> None:
             try:
-                async with session.post(f"{url}/abort_request", json={"rid": rid},
-                                        timeout=aiohttp.ClientTimeout(total=_PROBE_TIMEOUT_S)):
-                    pass
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                await self._request(url, "/abort_request", body(AbortReq(rid=rid)), timeout_s=_PROBE_TIMEOUT_S)
+            except RolloutError:
                 pass
         await asyncio.gather(*(abort(rid, url) for rid, url in rids.items()))
 
     # -- control ---------------------------------------------------------------
 
-    def _session(self, url: str) -> Any:
-        import requests
-
-        with self._sessions_lock:
-            if url not in self._sessions:
-                session = requests.Session()
-                session.headers.update(self._headers())
-                self._sessions[url] = session
-            return self._sessions[url]
-
-    def request(self, url: str, path: str, payload: dict | None = None, *, method: str = "POST",
-                timeout_s: float | None = None) -> Any:
-        """One control call; returns the JSON answer (or None for an empty body). RolloutError on failure."""
-        import requests
-
+    async def _request(self, url: str, path: str, payload: dict | None = None, *, method: str = "POST",
+                       timeout_s: float | None = None) -> Any:
+        """One control call; the JSON answer (None for an empty body). RolloutError on failure."""
+        session = await self._session()
         try:
-            response = self._session(url).request(method, f"{url}{path}", json=payload,
-                                                  timeout=timeout_s or self.control_timeout_s)
-        except requests.RequestException as err:
+            async with session.request(method, f"{url}{path}", json=payload,
+                                       timeout=aiohttp.ClientTimeout(total=timeout_s or self.control_timeout_s)
+                                       ) as response:
+                status, text = response.status, await response.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
             raise RolloutError(f"{url}{path}: {type(err).__name__}: {err}") from None
         try:
-            answer = response.json() if response.content else None
+            answer = json.loads(text) if text else None
         except ValueError:
-            answer = response.text
-        if response.status_code >= 400 or (isinstance(answer, dict) and answer.get("success") is False):
+            answer = text
+        if status >= 400 or (isinstance(answer, dict) and answer.get("success") is False):
             message = answer.get("message") or answer.get("error") if isinstance(answer, dict) else answer
-            raise RolloutError(f"{url}{path}: HTTP {response.status_code}: {message}")
+            raise RolloutError(f"{url}{path}: HTTP {status}: {message}")
         return answer
 
     def request_each(self, path: str, payload: dict | None = None, *, per_url: dict[str, dict] | None = None,
                      method: str = "POST", timeout_s: float | None = None) -> dict[str, Future]:
         """Start the call on every server (with `per_url[url]` instead of `payload` where given); URL -> future."""
         per_url = per_url or {}
-        return {url: self._control_pool.submit(self.request, url, path, per_url.get(url, payload), method=method,
-                                               timeout_s=timeout_s) for url in self.server_urls}
+        return {url: self._submit(self._request(url, path, per_url.get(url, payload), method=method,
+                                                timeout_s=timeout_s)) for url in self.server_urls}
 
     def call_each(self, path: str, payload: dict | None = None, *, method: str = "POST",
                   timeout_s: float | None = None) -> dict[str, Any]:
@@ -367,59 +364,52 @@ class SGLangClient:
             raise ValueError(f"{path} goes to every server, and no server_urls are configured")
         return wait_each(self.request_each(path, payload, method=method, timeout_s=timeout_s))
 
-    def health(self, *, timeout_s: float = _PROBE_TIMEOUT_S) -> dict[str, bool]:
-        futures = self.request_each("/health", method="GET", timeout_s=timeout_s)
-        healthy = {}
-        for url, future in futures.items():
-            try:
-                future.result()
-                healthy[url] = True
-            except RolloutError:
-                healthy[url] = False
-        return healthy
-
-    def wait_until_healthy(self, *, timeout_s: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            healthy = self.health()
-            if all(healthy.values()):
-                return
-            if time.monotonic() > deadline:
-                down = [url for url, ok in healthy.items() if not ok]
-                raise RolloutError(f"rollout servers not healthy after {timeout_s:.0f}s: {', '.join(down)}")
-            time.sleep(0.5)
+    def health(self) -> dict[str, bool]:
+        """Server URL -> whether it answers `/health`."""
+        futures = {url: self._submit(self._probe(url)) for url in self.server_urls}
+        return {url: future.result() for url, future in futures.items()}
 
     def server_info(self) -> dict[str, dict]:
         return self.call_each("/get_server_info", method="GET")
 
     def weight_versions(self) -> dict[str, str]:
+        """Server URL -> the weight version it reports."""
         return {url: str(answer["weight_version"])
                 for url, answer in self.call_each("/get_weight_version", method="GET").items()}
 
     def pause(self, *, mode: str = "abort") -> None:
-        self.call_each("/pause_generation", {"mode": mode})
+        """Stop generating (with `abort`, in-flight requests return what they have)."""
+        self.call_each("/pause_generation", body(PauseGenerationReqInput(mode=mode)))
 
     def resume(self) -> None:
-        self.call_each("/continue_generation", {})
-
-    def flush_cache(self) -> None:
-        self.call_each("/flush_cache", {})
+        self.call_each("/continue_generation", body(ContinueGenerationReqInput()))
 
     def release_memory(self, *, tags: Sequence[str] | None = None) -> None:
-        self.call_each("/release_memory_occupation", {"tags": list(tags)} if tags else {})
+        """Free accelerator memory (colocated runs) until `resume_memory`."""
+        self.call_each("/release_memory_occupation", body(ReleaseMemoryOccupationReqInput(tags=tags)))
 
     def resume_memory(self, *, tags: Sequence[str] | None = None) -> None:
-        self.call_each("/resume_memory_occupation", {"tags": list(tags)} if tags else {})
-
-    def abort_all(self) -> None:
-        self.call_each("/abort_request", {"abort_all": True, "rid": ""})
+        self.call_each("/resume_memory_occupation", body(ResumeMemoryOccupationReqInput(tags=tags)))
 
     def close(self) -> None:
-        self._control_pool.shutdown(wait=False, cancel_futures=True)
-        with self._sessions_lock:
-            for session in self._sessions.values():
-                session.close()
-            self._sessions.clear()
+        """Close the connections and stop the client's loop; in-flight calls are cancelled."""
+        if self._loop.is_closed():
+            return
+
+        async def shutdown() -> None:
+            others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+            if self._http is not None:
+                await self._http.close()
+
+        try:
+            self._submit(shutdown()).result(timeout=10)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
 
 
-__all__ = ["GenerateStats", "RolloutError", "SGLangClient", "wait_each"]
+__all__ = ["GenerateStats", "RolloutError", "SGLangClient", "backoff_s", "wait_each"]

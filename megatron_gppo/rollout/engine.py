@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
 
+from megatron_gppo.rollout import sglang_requests
+from megatron_gppo.rollout.protocol import validate
 from megatron_gppo.types import Sample
 
 if TYPE_CHECKING:
@@ -49,14 +51,8 @@ class SamplingParams:
     """Other SGLang sampling params passed through verbatim (e.g. `min_p`)."""
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not (self.top_k == -1 or self.top_k >= 1):
-            raise ValueError(f"top_k must be -1 or >= 1, got {self.top_k}")
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        # SGLang's own rules; `extra` is the server's to judge.
+        validate(sglang_requests.SamplingParams, self._own_params(), prefix="sampling_params.")
 
     @classmethod
     def from_config(cls, config: RolloutConfig, **overrides: Any) -> SamplingParams:
@@ -64,8 +60,7 @@ class SamplingParams:
                       max_new_tokens=config.max_new_tokens)
         return cls(**{**values, **overrides})
 
-    def to_sglang(self) -> dict[str, Any]:
-        """The `sampling_params` object of a `/generate` request (without `n`)."""
+    def _own_params(self) -> dict[str, Any]:
         params: dict[str, Any] = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                                       max_new_tokens=self.max_new_tokens)
         if self.stop:
@@ -74,14 +69,27 @@ class SamplingParams:
             params["stop_token_ids"] = list(self.stop_token_ids)
         if self.ignore_eos:
             params["ignore_eos"] = True
-        return {**params, **self.extra}
+        return params
+
+    def to_sglang(self) -> dict[str, Any]:
+        """The `sampling_params` object of a `/generate` request (without `n`)."""
+        return {**self._own_params(), **self.extra}
 
     def request_seed(self, prompt_index: int, sample_index: int) -> int | None:
         """The `sampling_seed` of sample `sample_index` of prompt `prompt_index` (None without a seed)."""
         if self.seed is None:
             return None
-        # Any fixed injective-enough mix works; keep it within int63 for the JSON peer.
-        return (self.seed * 1_000_003 + prompt_index * 10_007 + sample_index) % (2**63 - 1)
+        return mix_seed(self.seed, prompt_index * 10_007 + sample_index, stride=1_000_003)
+
+
+def mix_seed(seed: int, index: int, *, stride: int = 1_000_033) -> int:
+    """The seed of item `index` of a stream seeded `seed`: distinct for distinct (seed, index < stride).
+
+    Kept within int63 for the JSON peer. Every derived seed of a run comes
+    from here (per step, per evaluation, per request), so a resumed run draws
+    exactly what an uninterrupted one would.
+    """
+    return (seed * stride + index) % (2**63 - 1)
 
 
 class RolloutEngine(Protocol):
@@ -93,22 +101,6 @@ class RolloutEngine(Protocol):
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version: str) -> None:
         """Stream Hugging Face-named tensors to every server; afterwards all report `version`."""
-        ...
-
-    def weight_versions(self) -> dict[str, str]:
-        """Server URL -> the weight version it reports."""
-        ...
-
-    def health(self) -> dict[str, bool]:
-        """Server URL -> whether it answers `/health`."""
-        ...
-
-    def pause(self) -> None:
-        """Stop generating (in-flight requests are aborted and return what they have)."""
-        ...
-
-    def resume(self) -> None:
-        """Continue generating after `pause`."""
         ...
 
     def release_memory(self) -> None:
@@ -123,4 +115,4 @@ class RolloutEngine(Protocol):
         ...
 
 
-__all__ = ["RolloutEngine", "SamplingParams"]
+__all__ = ["RolloutEngine", "SamplingParams", "mix_seed"]

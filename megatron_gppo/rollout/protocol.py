@@ -1,8 +1,9 @@
 """The SGLang `/generate` wire format, in one place for the server and the client.
 
-Field names follow SGLang's `GenerateReqInput` / `SamplingParams`
-(python/sglang/srt/managers/io_struct.py, srt/sampling/sampling_params.py)
-and the `meta_info` the tokenizer manager builds for every output:
+Requests are validated with the models of `sglang_requests.py` (SGLang's
+`GenerateReqInput` and `SamplingParams`, field for field) and expanded into
+one `SequenceRequest` per (prompt, sample). Answers carry the `meta_info`
+SGLang's tokenizer manager builds for every output:
 `id`, `finish_reason` (`{"type": "stop", "matched": token_id_or_str}`,
 `{"type": "length", "length": n}`, `{"type": "abort", "message": ...}`),
 `prompt_tokens`, `completion_tokens`, `cached_tokens`, `weight_version`,
@@ -14,23 +15,17 @@ entry per (prompt, sample), prompt-major; otherwise a single object.
 
 from __future__ import annotations
 
-import math
 import uuid
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar
 
+from pydantic import BaseModel, ValidationError
+
+from megatron_gppo.rollout.sglang_requests import GenerateReqInput, SamplingParams, body, unsupported_fields
 from megatron_gppo.types import Sample
+from megatron_gppo.validation import describe_field, locate
 
-# SGLang's defaults for what the caller leaves out.
-DEFAULT_MAX_NEW_TOKENS = 128
-# Sampling params SGLang knows that this server accepts only at their neutral value.
-_NEUTRAL_PARAMS = {
-    "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "min_new_tokens": 0,
-    "json_schema": None, "regex": None, "ebnf": None, "structural_tag": None, "logit_bias": None,
-    "custom_params": None, "stop_regex": None,
-}
-# Known and harmless here: they only shape text/streaming output.
-_IGNORED_PARAMS = {"spaces_between_special_tokens", "stream_interval"}
+RequestModel = TypeVar("RequestModel", bound=BaseModel)
 
 
 @dataclass(kw_only=True)
@@ -87,6 +82,36 @@ class ParseContext:
     """A Hugging Face tokenizer, or None when the model directory has none (then `text` and `stop` are refused)."""
 
 
+def request_error(error: ValidationError, model: type[BaseModel], *, prefix: str = "") -> str:
+    """A request model's first problem as one line: `sampling_params.n must be an integer, got 1.5`."""
+    problems = error.errors()
+    unknown = [str(p["loc"][-1]) for p in problems if p["type"] == "extra_forbidden"]
+    if unknown:
+        return f"unknown {prefix.rstrip('.') or 'fields'}: {', '.join(unknown)}"
+    problem = problems[0]
+    cause = (problem.get("ctx") or {}).get("error")
+    if isinstance(cause, ValueError):  # a check that words the whole problem
+        return str(cause)
+    where = locate(model, problem["loc"])
+    key = prefix + ".".join(where.names)
+    if where.field is None:
+        return f"{key or 'the request'}: {problem['msg']}"
+    if problem["type"] == "missing":
+        return f"missing required field '{key}'"
+    expected = describe_field(where.field, with_bound=False, finite=True).removeprefix("null or ")
+    return f"{key} must be {expected}, got {problem['input']!r}"
+
+
+def validate(model: type[RequestModel], body: Any, *, prefix: str = "") -> RequestModel:
+    """`model` from a JSON body; ValueError with one line on bad input."""
+    if not isinstance(body, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'the request body'} must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as error:
+        raise ValueError(request_error(error, model, prefix=prefix)) from None
+
+
 def _per_item(value: Any, num_items: int, name: str, is_batch: bool) -> list[Any]:
     """Broadcast a scalar field over the batch, or check a per-item list's length."""
     if is_batch and isinstance(value, list):
@@ -96,112 +121,18 @@ def _per_item(value: Any, num_items: int, name: str, is_batch: bool) -> list[Any
     return [value] * num_items
 
 
-def _number(params: dict, key: str, default: float) -> float:
-    value = params.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"sampling_params.{key} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _integer(params: dict, key: str, default: int | None) -> int | None:
-    value = params.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"sampling_params.{key} must be an integer, got {value!r}")
-    return value
-
-
-def _flag(value: Any, name: str, default: bool = False) -> bool:
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise ValueError(f"'{name}' must be true or false, got {value!r}")
-    return value
-
-
-def _sampling(params: Any, ctx: ParseContext) -> dict[str, Any]:
-    """Validate one `sampling_params` dict as SGLang's SamplingParams.verify does."""
-    if params is None:
-        params = {}
-    if not isinstance(params, dict):
-        raise ValueError(f"sampling_params must be an object, got {type(params).__name__}")
-    for key, neutral in _NEUTRAL_PARAMS.items():
-        if params.get(key, neutral) not in (neutral, None):
-            raise ValueError(f"sampling_params.{key}={params[key]!r} is not supported by this server")
-    known = {"temperature", "top_p", "top_k", "min_p", "max_new_tokens", "n", "stop", "stop_token_ids",
-             "ignore_eos", "no_stop_trim", "skip_special_tokens", "sampling_seed", *_NEUTRAL_PARAMS,
-             *_IGNORED_PARAMS}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise ValueError(f"unknown sampling_params: {', '.join(unknown)}")
-    temperature = _number(params, "temperature", 1.0)
-    top_p = _number(params, "top_p", 1.0)
-    top_k = _integer(params, "top_k", -1)
-    min_p = _number(params, "min_p", 0.0)
-    max_new_tokens = _integer(params, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
-    n = _integer(params, "n", 1)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if not (top_k == -1 or top_k >= 1):
-        raise ValueError(f"top_k must be -1 (disable) or at least 1, got {top_k}")
-    if not 0 <= min_p <= 1:
-        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
-    if temperature < 1e-6:  # SGLang: greedy is temperature 1 with top_k 1
-        temperature, top_k = 1.0, 1
-    stop = params.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise ValueError(f"stop must be a string or a list of non-empty strings, got {params.get('stop')!r}")
-    if stop and ctx.tokenizer is None:
-        raise ValueError("stop strings need a tokenizer, and the model directory has none")
-    stop_token_ids = params.get("stop_token_ids") or []
-    if not isinstance(stop_token_ids, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in stop_token_ids):
-        raise ValueError(f"stop_token_ids must be a list of integers, got {params.get('stop_token_ids')!r}")
-    seed = params.get("sampling_seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"sampling_seed must be an integer, got {seed!r}")
-    return dict(sampling_seed=seed,
-        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, max_new_tokens=max_new_tokens, n=n,
-        stop_strs=tuple(stop), stop_token_ids=frozenset(stop_token_ids),
-        ignore_eos=_flag(params.get("ignore_eos"), "sampling_params.ignore_eos"),
-        no_stop_trim=_flag(params.get("no_stop_trim"), "sampling_params.no_stop_trim"),
-        skip_special_tokens=_flag(params.get("skip_special_tokens"), "sampling_params.skip_special_tokens", True),
-    )
-
-
-def _prompts(body: dict, ctx: ParseContext) -> tuple[list[list[int]], bool]:
+def _prompts(request: GenerateReqInput, ctx: ParseContext) -> tuple[list[list[int]], bool]:
     """Token ids of every prompt and whether the request is a batch."""
-    text, input_ids = body.get("text"), body.get("input_ids")
-    if (text is None) == (input_ids is None):
+    if (request.text is None) == (request.input_ids is None):
         raise ValueError("give exactly one of 'text' or 'input_ids'")
-    if text is not None:
+    if request.text is not None:
         if ctx.tokenizer is None:
             raise ValueError("'text' needs a tokenizer, and the model directory has none; send 'input_ids'")
-        is_batch = isinstance(text, list)
-        texts = text if is_batch else [text]
-        if not all(isinstance(t, str) for t in texts):
-            raise ValueError("'text' must be a string or a list of strings")
-        prompts = [ctx.tokenizer.encode(t) for t in texts]
+        is_batch = isinstance(request.text, list)
+        prompts = [ctx.tokenizer.encode(t) for t in (request.text if is_batch else [request.text])]
     else:
-        if not isinstance(input_ids, list) or not input_ids:
-            raise ValueError("'input_ids' must be a non-empty list of token ids or of lists of token ids")
-        is_batch = isinstance(input_ids[0], list)
-        prompts = input_ids if is_batch else [input_ids]
-        for prompt in prompts:
-            if not isinstance(prompt, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-                raise ValueError("'input_ids' must hold integers (a list, or a list of lists for a batch)")
+        is_batch = isinstance(request.input_ids[0], list)
+        prompts = request.input_ids if is_batch else [request.input_ids]
     for i, prompt in enumerate(prompts):
         if not prompt:
             raise ValueError(f"prompt {i} is empty")
@@ -215,44 +146,46 @@ def _prompts(body: dict, ctx: ParseContext) -> tuple[list[list[int]], bool]:
 
 def parse_generate(body: Any, ctx: ParseContext) -> GenerateRequest:
     """Validate a `/generate` body into per-sample sequence requests; ValueError on bad input."""
-    if not isinstance(body, dict):
-        raise ValueError("the request body must be a JSON object")
-    prompts, is_batch = _prompts(body, ctx)
+    request = validate(GenerateReqInput, body)
+    for name in unsupported_fields(request, GenerateReqInput.UNSUPPORTED):
+        raise ValueError(f"'{name}' is not supported by this server")
+    prompts, is_batch = _prompts(request, ctx)
     num = len(prompts)
-    params_list = _per_item(body.get("sampling_params"), num, "sampling_params", is_batch)
-    return_logprob = _per_item(body.get("return_logprob"), num, "return_logprob", is_batch)
-    top_logprobs_num = _per_item(body.get("top_logprobs_num"), num, "top_logprobs_num", is_batch)
-    rids = body.get("rid")
+    params_list = _per_item(request.sampling_params, num, "sampling_params", is_batch)
+    return_logprob = _per_item(request.return_logprob, num, "return_logprob", is_batch)
+    top_logprobs_num = _per_item(request.top_logprobs_num, num, "top_logprobs_num", is_batch)
+    rids = request.rid
     if is_batch and isinstance(rids, list):
         rids = _per_item(rids, num, "rid", is_batch)
-    elif rids is not None and not isinstance(rids, str):
-        raise ValueError("'rid' must be a string (or a list of strings for a batch)")
     base_rid = rids if isinstance(rids, str) else uuid.uuid4().hex
-    text_in_logprobs = _flag(body.get("return_text_in_logprobs"), "return_text_in_logprobs")
-    stream = _flag(body.get("stream"), "stream")
 
     sequences: list[SequenceRequest] = []
     returns_list = is_batch
     for i, prompt in enumerate(prompts):
-        sampling = _sampling(params_list[i], ctx)
-        n = sampling.pop("n")
-        returns_list = returns_list or n > 1
-        max_new_tokens = sampling["max_new_tokens"]
-        if len(prompt) + max_new_tokens > ctx.context_length:
-            raise ValueError(f"prompt {i} has {len(prompt)} tokens and max_new_tokens={max_new_tokens}: "
+        params = validate(SamplingParams, params_list[i] or {}, prefix="sampling_params.")
+        returns_list = returns_list or params.n > 1
+        if params.stop and ctx.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and the model directory has none")
+        if len(prompt) + params.max_new_tokens > ctx.context_length:
+            raise ValueError(f"prompt {i} has {len(prompt)} tokens and max_new_tokens={params.max_new_tokens}: "
                              f"more than the model's context length {ctx.context_length}")
         num_top = top_logprobs_num[i] or 0
-        if isinstance(num_top, bool) or not isinstance(num_top, int) or num_top < 0:
+        if num_top < 0:
             raise ValueError(f"top_logprobs_num must be an integer >= 0, got {num_top!r}")
         item_rid = rids[i] if isinstance(rids, list) else (base_rid if not is_batch else f"{base_rid}_{i}")
-        seed = sampling.pop("sampling_seed")
-        for j in range(n):
+        # SGLang's normalisation: greedy is temperature 1 with top_k 1.
+        greedy = params.temperature < 1e-6
+        for j in range(params.n):
             sequences.append(SequenceRequest(
-                rid=item_rid if n == 1 else f"{item_rid}_{j}", prompt_ids=list(prompt),
-                return_logprob=_flag(return_logprob[i], "return_logprob"), top_logprobs_num=num_top,
-                return_text_in_logprobs=text_in_logprobs, sampling_seed=None if seed is None else seed + j,
-                **sampling))
-    return GenerateRequest(sequences=sequences, returns_list=returns_list, stream=stream)
+                rid=item_rid if params.n == 1 else f"{item_rid}_{j}", prompt_ids=list(prompt),
+                max_new_tokens=params.max_new_tokens, temperature=1.0 if greedy else params.temperature,
+                top_p=params.top_p, top_k=1 if greedy else params.top_k, min_p=params.min_p,
+                stop_token_ids=frozenset(params.stop_token_ids or ()), stop_strs=params.stop_strs,
+                ignore_eos=params.ignore_eos, no_stop_trim=params.no_stop_trim,
+                skip_special_tokens=params.skip_special_tokens, return_logprob=bool(return_logprob[i]),
+                top_logprobs_num=num_top, return_text_in_logprobs=request.return_text_in_logprobs,
+                sampling_seed=None if params.sampling_seed is None else params.sampling_seed + j))
+    return GenerateRequest(sequences=sequences, returns_list=returns_list, stream=request.stream)
 
 
 def build_response(seq: SequenceRequest, result: SequenceResult, *, token_text=None) -> dict[str, Any]:
@@ -285,8 +218,8 @@ def build_response(seq: SequenceRequest, result: SequenceResult, *, token_text=N
 
 def generate_payload(*, prompt_ids: Sequence[int], sampling_params: dict[str, Any], rid: str) -> dict[str, Any]:
     """The body of a single-prompt, single-sample `/generate` request that returns log-probs."""
-    return {"input_ids": list(prompt_ids), "sampling_params": {**sampling_params, "n": 1},
-            "return_logprob": True, "rid": rid, "stream": False}
+    return body(GenerateReqInput(input_ids=list(prompt_ids), sampling_params={**sampling_params, "n": 1},
+                                 return_logprob=True, rid=rid, stream=False))
 
 
 def response_to_sample(response: Any, *, prompt_ids: Sequence[int], group_index: int, sample_index: int) -> Sample:
@@ -313,6 +246,6 @@ def response_to_sample(response: Any, *, prompt_ids: Sequence[int], group_index:
 
 
 __all__ = [
-    "DEFAULT_MAX_NEW_TOKENS", "GenerateRequest", "ParseContext", "SequenceRequest", "SequenceResult",
-    "build_response", "generate_payload", "parse_generate", "response_to_sample",
+    "GenerateRequest", "ParseContext", "SequenceRequest", "SequenceResult",
+    "build_response", "generate_payload", "parse_generate", "request_error", "response_to_sample", "validate",
 ]

@@ -1,7 +1,7 @@
 """`megatron-gppo serve`: an SGLang-protocol HTTP server on CPU, backed by `transformers`.
 
 It speaks the subset of SGLang's native API that RL trainers and the
-sglang-router use (see /work/shared/notes/sglang-protocol.md), so one client
+sglang-router use (docs/sglang-protocol.md), so one client
 drives it and real SGLang servers alike. Endpoints, with SGLang's names:
 
   /generate (POST, PUT)                          /health, /health_generate
@@ -35,7 +35,14 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from megatron_gppo.rollout.protocol import ParseContext, SequenceResult, build_response, parse_generate
+from megatron_gppo.rollout.protocol import (ParseContext, RequestModel, SequenceResult, build_response,
+                                            parse_generate, validate)
+from megatron_gppo.rollout.sglang_requests import (AbortReq, ContinueGenerationReqInput,
+                                                   DestroyWeightsUpdateGroupReqInput, InitWeightsUpdateGroupReqInput,
+                                                   PauseGenerationReqInput, ReleaseMemoryOccupationReqInput,
+                                                   ResumeMemoryOccupationReqInput, UpdateWeightFromDiskReqInput,
+                                                   UpdateWeightsFromDistributedReqInput,
+                                                   UpdateWeightsFromTensorReqInput, UpdateWeightVersionReqInput)
 
 logger = logging.getLogger(__name__)
 
@@ -96,32 +103,24 @@ def _error(status: int, message: str, *, control: bool = False) -> web.Response:
     return web.json_response(body, status=status)
 
 
-async def _read_json(request: web.Request, *, allow_empty: bool) -> dict[str, Any]:
+async def _read_json(request: web.Request) -> Any:
     text = await request.text()
     if not text.strip():
-        if allow_empty:
-            return {}
         raise _BadRequest("the request body is empty; expected a JSON object")
     try:
-        body = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise _BadRequest(f"malformed JSON: {err}") from None
-    if not isinstance(body, dict):
-        raise _BadRequest("the request body must be a JSON object")
-    return body
 
 
-def _field(body: dict, name: str, kind: type | tuple[type, ...], default: Any = ..., *, required: bool = False) -> Any:
-    if name not in body or body[name] is None:
-        if required:
-            raise _BadRequest(f"missing required field '{name}'")
-        return default
-    value = body[name]
-    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise _BadRequest(f"'{name}' has the wrong type: {value!r}")
-    if not isinstance(value, kind):
-        raise _BadRequest(f"'{name}' has the wrong type: {value!r}")
-    return value
+async def _read(request: web.Request, model: type[RequestModel], *, allow_empty: bool = False) -> RequestModel:
+    """The body as `model` (one of SGLang's request classes); an empty body is the defaults if allowed."""
+    if allow_empty and not (await request.text()).strip():
+        return model()
+    try:
+        return validate(model, await _read_json(request))
+    except ValueError as err:
+        raise _BadRequest(str(err)) from None
 
 
 class RolloutServer:
@@ -220,7 +219,7 @@ class RolloutServer:
     # -- generation ------------------------------------------------------------
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
-        body = await _read_json(request, allow_empty=False)
+        body = await _read_json(request)
         self._require_memory(*MEMORY_TAGS, doing="generate")
         try:
             parsed = parse_generate(body, self.parse_ctx)
@@ -302,37 +301,32 @@ class RolloutServer:
         return web.Response(text="Cache flushed.\n")
 
     async def abort_request(self, request: web.Request) -> web.Response:
-        body = await _read_json(request, allow_empty=False)
-        rid = _field(body, "rid", str, "")
-        abort_all = _field(body, "abort_all", bool, False)
-        await self._on_worker(lambda g: g.abort(rid_prefix=rid, abort_all=abort_all))
+        abort = await _read(request, AbortReq)
+        await self._on_worker(lambda g: g.abort(rid_prefix=abort.rid or "", abort_all=abort.abort_all))
         return web.Response(status=200)
 
     async def pause_generation(self, request: web.Request) -> web.Response:
-        body = await _read_json(request, allow_empty=True)
-        mode = _field(body, "mode", str, "abort")
-        if mode not in ("abort", "retract", "in_place"):
-            raise _BadRequest(f"mode must be 'abort', 'retract' or 'in_place', got {mode!r}")
-        if mode == "abort":
+        pause = await _read(request, PauseGenerationReqInput, allow_empty=True)
+        if pause.mode == "abort":
             await self._on_worker(lambda g: g.abort(abort_all=True))
         await asyncio.wrap_future(self.worker.set_paused(True))
         return web.json_response({"message": "Generation paused successfully.", "status": "ok", "success": True})
 
     async def continue_generation(self, request: web.Request) -> web.Response:
-        await _read_json(request, allow_empty=True)
+        await _read(request, ContinueGenerationReqInput, allow_empty=True)
         await asyncio.wrap_future(self.worker.set_paused(False))
         return web.json_response({"message": "Generation continued successfully.", "status": "ok", "success": True})
 
     # There is no accelerator memory to free here; the state is kept so that, as on a
     # real SGLang server, generating or loading weights while released fails loudly.
     async def release_memory(self, request: web.Request) -> web.Response:
-        tags = _field(await _read_json(request, allow_empty=True), "tags", list, None) or list(MEMORY_TAGS)
+        tags = (await _read(request, ReleaseMemoryOccupationReqInput, allow_empty=True)).tags or list(MEMORY_TAGS)
         self.released_memory.update(tags)
         logger.info("memory released: %s", ", ".join(sorted(tags)))
         return web.json_response({"success": True, "message": "no accelerator memory to release on the CPU server"})
 
     async def resume_memory(self, request: web.Request) -> web.Response:
-        tags = _field(await _read_json(request, allow_empty=True), "tags", list, None) or list(MEMORY_TAGS)
+        tags = (await _read(request, ResumeMemoryOccupationReqInput, allow_empty=True)).tags or list(MEMORY_TAGS)
         self.released_memory.difference_update(tags)
         logger.info("memory resumed: %s", ", ".join(sorted(tags)))
         return web.json_response({"success": True, "message": "memory resumed"})
@@ -374,103 +368,79 @@ class RolloutServer:
     async def update_weights_from_disk(self, request: web.Request) -> web.Response:
         from megatron_gppo.rollout.weight_loader import read_safetensors_dir
 
-        body = await _read_json(request, allow_empty=False)
-        model_path = _field(body, "model_path", str, required=True)
-        load_format = _field(body, "load_format", str, None)
-        if load_format not in (None, "auto", "safetensors"):
-            raise _BadRequest(f"load_format {load_format!r} is not supported (safetensors only)")
-        version = _field(body, "weight_version", str, None)
-        abort_all = _field(body, "abort_all_requests", bool, False)
+        update = await _read(request, UpdateWeightFromDiskReqInput)
+        if update.load_format not in (None, "auto", "safetensors"):
+            raise _BadRequest(f"load_format {update.load_format!r} is not supported (safetensors only)")
 
         async def op() -> int:
-            named = await self._on_weights_thread(read_safetensors_dir, model_path)
-            return await self._load(named, version, abort_all)
+            named = await self._on_weights_thread(read_safetensors_dir, update.model_path)
+            return await self._load(named, update.weight_version, update.abort_all_requests)
         count = await self._weights_op(op)
-        return self._weights_answer(count, version, num_paused_requests=0)
+        return self._weights_answer(count, update.weight_version, num_paused_requests=0)
 
     async def update_weights_from_tensor(self, request: web.Request) -> web.Response:
         from megatron_gppo.rollout.weight_loader import deserialize_named_tensors
 
-        body = await _read_json(request, allow_empty=False)
-        payloads = _field(body, "serialized_named_tensors", list, required=True)
-        load_format = _field(body, "load_format", str, None)
-        if load_format not in (None, "direct"):
-            raise _BadRequest(f"load_format {load_format!r} is not supported; send a list of (name, tensor)")
-        if not payloads or not isinstance(payloads[0], str):
+        update = await _read(request, UpdateWeightsFromTensorReqInput)
+        if update.load_format not in (None, "direct"):
+            raise _BadRequest(f"load_format {update.load_format!r} is not supported; send a list of (name, tensor)")
+        if not update.serialized_named_tensors:
             raise _BadRequest("serialized_named_tensors must be a non-empty list of base64 strings")
-        version = _field(body, "weight_version", str, None)
-        abort_all = _field(body, "abort_all_requests", bool, False)
 
         async def op() -> int:
             # One entry per tensor-parallel rank; this server is rank 0 of 1.
-            named = await self._on_weights_thread(deserialize_named_tensors, payloads[0])
-            return await self._load(named, version, abort_all)
+            named = await self._on_weights_thread(deserialize_named_tensors, update.serialized_named_tensors[0])
+            return await self._load(named, update.weight_version, update.abort_all_requests)
         count = await self._weights_op(op)
-        return self._weights_answer(count, version)
+        return self._weights_answer(count, update.weight_version)
 
     async def update_weight_version(self, request: web.Request) -> web.Response:
-        body = await _read_json(request, allow_empty=False)
-        version = _field(body, "new_version", str, required=True)
-        abort_all = _field(body, "abort_all_requests", bool, True)
+        update = await _read(request, UpdateWeightVersionReqInput)
 
         def apply(g: Any) -> None:
-            if abort_all:
+            if update.abort_all_requests:
                 g.abort(abort_all=True)
-            g.weight_version = version
+            g.weight_version = update.new_version
         await self._on_worker(apply)
-        return web.json_response({"success": True, "message": f"Weight version updated to {version}",
-                                  "new_version": version})
+        return web.json_response({"success": True, "message": f"Weight version updated to {update.new_version}",
+                                  "new_version": update.new_version})
 
     async def init_weights_update_group(self, request: web.Request) -> web.Response:
         from megatron_gppo.rollout.process_group import init_weight_update_group
 
-        body = await _read_json(request, allow_empty=False)
-        address = _field(body, "master_address", str, required=True)
-        port = _field(body, "master_port", int, required=True)
-        rank_offset = _field(body, "rank_offset", int, required=True)
-        world_size = _field(body, "world_size", int, required=True)
-        group_name = _field(body, "group_name", str, "weight_update_group")
-        backend = _field(body, "backend", str, "nccl")
-        if backend != "gloo":
-            raise _BadRequest(f"backend {backend!r} is not available on the CPU server; use 'gloo'")
-        if group_name in self.groups:
-            raise _BadRequest(f"weight update group {group_name!r} already exists; destroy it first")
+        init = await _read(request, InitWeightsUpdateGroupReqInput)
+        if init.backend != "gloo":
+            raise _BadRequest(f"backend {init.backend!r} is not available on the CPU server; use 'gloo'")
+        if init.group_name in self.groups:
+            raise _BadRequest(f"weight update group {init.group_name!r} already exists; destroy it first")
 
         async def op() -> Any:
             return await self._on_weights_thread(lambda: init_weight_update_group(
-                master_address=address, master_port=port, rank=rank_offset, world_size=world_size,
-                group_name=group_name, backend=backend))
-        self.groups[group_name] = await self._weights_op(op)
-        return web.json_response({"success": True, "message": f"Joined {group_name!r} as rank {rank_offset}."})
+                master_address=init.master_address, master_port=init.master_port, rank=init.rank_offset,
+                world_size=init.world_size, group_name=init.group_name, backend=init.backend))
+        self.groups[init.group_name] = await self._weights_op(op)
+        return web.json_response({"success": True,
+                                  "message": f"Joined {init.group_name!r} as rank {init.rank_offset}."})
 
     async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
         from megatron_gppo.rollout.weight_loader import receive_bucket
 
-        body = await _read_json(request, allow_empty=False)
-        if "names" not in body and "name" in body:  # older SGLang sent one tensor per call
-            body = {**body, "names": [body["name"]], "dtypes": [body.get("dtype")], "shapes": [body.get("shape")]}
-        names = _field(body, "names", list, required=True)
-        dtypes = _field(body, "dtypes", list, required=True)
-        shapes = _field(body, "shapes", list, required=True)
-        group_name = _field(body, "group_name", str, "weight_update_group")
-        version = _field(body, "weight_version", str, None)
-        abort_all = _field(body, "abort_all_requests", bool, False)
-        group = self.groups.get(group_name)
+        update = await _read(request, UpdateWeightsFromDistributedReqInput)
+        group = self.groups.get(update.group_name)
         if group is None:
-            raise _BadRequest(f"no weight update group {group_name!r}; call /init_weights_update_group first")
+            raise _BadRequest(f"no weight update group {update.group_name!r}; call /init_weights_update_group first")
 
         async def op() -> int:
-            named = await self._on_weights_thread(
-                lambda: receive_bucket(names=names, dtypes=dtypes, shapes=shapes, group=group))
-            return await self._load(named, version, abort_all)
+            named = await self._on_weights_thread(lambda: receive_bucket(
+                names=update.names, dtypes=update.dtypes, shapes=update.shapes, group=group))
+            return await self._load(named, update.weight_version, update.abort_all_requests)
         count = await self._weights_op(op)
-        return self._weights_answer(count, version)
+        return self._weights_answer(count, update.weight_version)
 
     async def destroy_weights_update_group(self, request: web.Request) -> web.Response:
         from megatron_gppo.rollout.process_group import destroy_weight_update_group
 
-        body = await _read_json(request, allow_empty=True)
-        group_name = _field(body, "group_name", str, "weight_update_group")
+        group_name = (await _read(request, DestroyWeightsUpdateGroupReqInput, allow_empty=True)).group_name
         group = self.groups.pop(group_name, None)
         if group is None:
             raise _BadRequest(f"no weight update group {group_name!r}")
@@ -494,8 +464,8 @@ class RolloutServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        print(f"megatron-gppo serve: ready at {self.url} (model {self.args.model_path}, "
-              f"weight version {self.generator.weight_version})", flush=True)
+        logger.info("megatron-gppo serve: ready at %s (model %s, weight version %s)", self.url, self.args.model_path,
+                    self.generator.weight_version)
         try:
             await stop.wait()
         finally:
@@ -528,7 +498,6 @@ class _QuietMalformedHttp(logging.Filter):
 
 
 def run_server(args: ServerArgs) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.server").addFilter(_QuietMalformedHttp())
     server = RolloutServer(args)
     asyncio.run(server.serve())

@@ -1,17 +1,15 @@
-"""`RolloutEngine` over SGLang-protocol servers: generation through the client, weights through a `WeightSync`."""
+"""`RolloutEngine` over SGLang-protocol servers: the client, plus weight sync and the servers it started."""
 
 from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable
 
 from megatron_gppo.rollout.client import SGLangClient
-from megatron_gppo.rollout.engine import SamplingParams
 from megatron_gppo.rollout.local_servers import LocalServers
 from megatron_gppo.rollout.weight_sync import (MiB, DiskWeightSync, DistributedWeightSync, SyncStats,
                                                TensorWeightSync, WeightSync)
-from megatron_gppo.types import Sample
 
 if TYPE_CHECKING:
     import torch
@@ -19,14 +17,18 @@ if TYPE_CHECKING:
     from megatron_gppo.config import RolloutConfig
 
 
-class SGLangEngine:
-    """The trainer's rollout engine; see `engine.RolloutEngine` for the contract."""
+class SGLangEngine(SGLangClient):
+    """The trainer's rollout engine (see `engine.RolloutEngine`).
 
-    def __init__(self, *, client: SGLangClient, weight_sync: WeightSync, local_servers: LocalServers | None = None
-                 ) -> None:
-        self.client = client
-        self.weight_sync = weight_sync
+    An `SGLangClient` (generation, health, pause, memory release) that also
+    streams new weights to every server through a `WeightSync`, and stops the
+    local servers it started when closed.
+    """
+
+    def __init__(self, *, local_servers: LocalServers | None = None, **client_args) -> None:
+        super().__init__(**client_args)
         self.local_servers = local_servers
+        self.weight_sync: WeightSync | None = None
         self.last_sync: SyncStats | None = None
 
     @classmethod
@@ -40,62 +42,34 @@ class SGLangEngine:
         """
         work_dir = Path(work_dir)
         local = None
-        urls: Sequence[str] = config.server_urls
+        urls = config.server_urls
         if config.backend == "local":
             local = LocalServers(model_path=model_path, num_servers=config.num_local_servers, api_key=config.api_key,
                                  num_threads=num_threads, log_dir=work_dir / "server_logs")
             urls = local.start()
         try:
-            client = SGLangClient.from_config(config, server_urls=urls, progress=progress)
-            bucket_bytes = config.weight_sync_bucket_mb * MiB
-            weight_sync: WeightSync
-            if config.weight_sync == "distributed":
-                import torch
-
-                backend = "nccl" if config.backend == "sglang" and torch.cuda.is_available() else "gloo"
-                # Local servers share this host; remote ones need an address they can route to.
-                address = config.weight_sync_address or ("127.0.0.1" if local else socket.gethostname())
-                weight_sync = DistributedWeightSync(client=client, bucket_bytes=bucket_bytes, backend=backend,
-                                                    master_address=address, master_port=config.weight_sync_port)
-            elif config.weight_sync == "disk":
-                weight_sync = DiskWeightSync(client=client, output_dir=work_dir / "weights", copy_files_from=model_path)
-            else:
-                weight_sync = TensorWeightSync(client=client, bucket_bytes=bucket_bytes)
+            engine = cls(local_servers=local, server_urls=urls, router_url=config.router_url, api_key=config.api_key,
+                         max_concurrency=config.max_concurrency, request_timeout_s=config.request_timeout_s,
+                         max_retries=config.max_retries, progress=progress)
+            engine.weight_sync = _weight_sync(config, client=engine, local=local is not None,
+                                              model_path=model_path, work_dir=work_dir)
         except BaseException:
             if local is not None:
                 local.stop()
             raise
-        return cls(client=client, weight_sync=weight_sync, local_servers=local)
-
-    def generate(self, prompts: Sequence[Sequence[int]], *, sampling: SamplingParams, n: int = 1) -> list[list[Sample]]:
-        return self.client.generate(prompts, sampling=sampling, n=n)
+        return engine
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version: str) -> None:
+        """Stream Hugging Face-named tensors to every server; afterwards all report `version`."""
+        assert self.weight_sync is not None, "build the engine with from_config"
         self.last_sync = self.weight_sync.sync(named_tensors, version=version)
-
-    def weight_versions(self) -> dict[str, str]:
-        return self.client.weight_versions()
-
-    def health(self) -> dict[str, bool]:
-        return self.client.health()
-
-    def pause(self) -> None:
-        self.client.pause()
-
-    def resume(self) -> None:
-        self.client.resume()
-
-    def release_memory(self) -> None:
-        self.client.release_memory()
-
-    def resume_memory(self) -> None:
-        self.client.resume_memory()
 
     def close(self) -> None:
         try:
-            self.weight_sync.close()
+            if self.weight_sync is not None:
+                self.weight_sync.close()
         finally:
-            self.client.close()
+            super().close()
             if self.local_servers is not None:
                 self.local_servers.stop()
 
@@ -104,6 +78,22 @@ class SGLangEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _weight_sync(config: RolloutConfig, *, client: SGLangClient, local: bool, model_path: str | Path,
+                 work_dir: Path) -> WeightSync:
+    bucket_bytes = config.weight_sync_bucket_mb * MiB
+    if config.weight_sync == "distributed":
+        import torch
+
+        backend = "nccl" if config.backend == "sglang" and torch.cuda.is_available() else "gloo"
+        # Local servers share this host; remote ones need an address they can route to.
+        address = config.weight_sync_address or ("127.0.0.1" if local else socket.gethostname())
+        return DistributedWeightSync(client=client, bucket_bytes=bucket_bytes, backend=backend,
+                                     master_address=address, master_port=config.weight_sync_port)
+    if config.weight_sync == "disk":
+        return DiskWeightSync(client=client, output_dir=work_dir / "weights", copy_files_from=model_path)
+    return TensorWeightSync(client=client, bucket_bytes=bucket_bytes)
 
 
 __all__ = ["SGLangEngine"]

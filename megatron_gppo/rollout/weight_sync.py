@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import shutil
-import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -39,7 +36,13 @@ from typing import Callable, Iterable, Iterator, Protocol, TypeVar
 
 import torch
 
+from megatron_gppo.atomic import atomic_directory
+from megatron_gppo.ports import free_port
 from megatron_gppo.rollout.client import RolloutError, SGLangClient, wait_each
+from megatron_gppo.rollout.sglang_requests import (DestroyWeightsUpdateGroupReqInput,
+                                                   InitWeightsUpdateGroupReqInput, UpdateWeightFromDiskReqInput,
+                                                   UpdateWeightsFromDistributedReqInput,
+                                                   UpdateWeightsFromTensorReqInput, body)
 from megatron_gppo.rollout.process_group import (broadcast_from_trainer, destroy_weight_update_group, dtype_name,
                                                  init_weight_update_group)
 
@@ -95,12 +98,6 @@ def _with_last(items: Iterator[list]) -> Iterator[tuple[list, bool]]:
 
 def _bucket_bytes(bucket: list[tuple[str, torch.Tensor]]) -> int:
     return sum(t.numel() * t.element_size() for _, t in bucket)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 class WeightSyncError(RolloutError):
@@ -179,7 +176,7 @@ class DistributedWeightSync:
                     group_name=self.active_group_name, backend=self.backend)
         # The servers' answers come only once everyone, us included, has joined.
         futures = self.client.request_each("/init_weights_update_group", per_url={
-            url: {**base, "rank_offset": offsets[url]} for url in self.client.server_urls})
+            url: body(InitWeightsUpdateGroupReqInput(**base, rank_offset=offsets[url])) for url in self.client.server_urls})
         self.group = _beside_servers(lambda: init_weight_update_group(rank=0, timeout_s=self.timeout_s, **base),
                                      futures)
 
@@ -191,17 +188,12 @@ class DistributedWeightSync:
         device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
         for bucket, is_last in _with_last(iter_buckets(named_tensors, bucket_bytes=self.bucket_bytes)):
             tensors = [t.detach().to(device).contiguous() for _, t in bucket]
-            payload = {
-                "names": [name for name, _ in bucket],
-                "dtypes": [dtype_name(t.dtype) for t in tensors],
-                "shapes": [list(t.shape) for t in tensors],
-                "group_name": self.active_group_name,
-                "flush_cache": is_last,
-            }
-            if is_last:
-                payload["weight_version"] = version
+            update = UpdateWeightsFromDistributedReqInput(
+                names=[name for name, _ in bucket], dtypes=[dtype_name(t.dtype) for t in tensors],
+                shapes=[list(t.shape) for t in tensors], group_name=self.active_group_name, flush_cache=is_last,
+                **({"weight_version": version} if is_last else {}))
             # The servers block in the broadcast until we send, so post first and broadcast while they wait.
-            futures = self.client.request_each("/update_weights_from_distributed", payload)
+            futures = self.client.request_each("/update_weights_from_distributed", body(update))
             try:
                 _beside_servers(lambda tensors=tensors: broadcast_from_trainer(tensors, group=self.group), futures)
             except WeightSyncError as err:
@@ -220,7 +212,8 @@ class DistributedWeightSync:
         if self.group is None:
             return
         try:
-            self.client.call_each("/destroy_weights_update_group", {"group_name": self.active_group_name})
+            self.client.call_each("/destroy_weights_update_group",
+                                  body(DestroyWeightsUpdateGroupReqInput(group_name=self.active_group_name)))
         finally:
             destroy_weight_update_group(self.group)
             self.group = None
@@ -230,17 +223,14 @@ def save_safetensors_atomic(named_tensors: NamedTensors, output_dir: str | Path,
                             shard_bytes: int = 4 * 1024 ** 3, copy_files_from: str | Path | None = None) -> Path:
     """Write tensors as a Hugging Face safetensors checkpoint, all or nothing.
 
-    Shards and `model.safetensors.index.json` go to a temporary directory next
-    to `output_dir`, plus the `config.json` / tokenizer files of
-    `copy_files_from`, and the directory is renamed into place at the end, so a
-    reader never sees a partial dump.
+    Shards and `model.safetensors.index.json`, plus the `config.json` /
+    tokenizer files of `copy_files_from`, go to a temporary directory that is
+    renamed to `output_dir` at the end (replacing it), so a reader never sees
+    a partial dump.
     """
     from megatron_gppo.checkpoint.hf_io import ShardedSafetensorsWriter, copy_side_files
 
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-"))
-    try:
+    with atomic_directory(output_dir) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=shard_bytes)
         for name, tensor in named_tensors:
             writer.add(name, tensor.detach().to("cpu"))
@@ -248,15 +238,7 @@ def save_safetensors_atomic(named_tensors: NamedTensors, output_dir: str | Path,
             raise ValueError("no tensors to save")
         if copy_files_from is not None:
             copy_side_files(copy_files_from, tmp)
-        if output_dir.exists():  # same version written again: swap it out
-            stale = output_dir.with_name(f".{output_dir.name}.stale-{uuid.uuid4().hex[:8]}")
-            os.rename(output_dir, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        os.rename(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output_dir
+    return Path(output_dir)
 
 
 class DiskWeightSync:
@@ -284,8 +266,8 @@ class DiskWeightSync:
                 yield name, tensor
         path = save_safetensors_atomic(counted(), self.output_dir / f"weights-{version}", shard_bytes=self.shard_bytes,
                                        copy_files_from=self.copy_files_from)
-        self.client.call_each("/update_weights_from_disk", {"model_path": str(path.resolve()),
-                                                            "weight_version": version, "flush_cache": True})
+        self.client.call_each("/update_weights_from_disk", body(UpdateWeightFromDiskReqInput(
+            model_path=str(path.resolve()), weight_version=version, flush_cache=True)))
         stats.num_buckets = 1
         stats.seconds = time.perf_counter() - start
         if path in self._written:
@@ -335,11 +317,9 @@ class TensorWeightSync:
             per_url = {}
             for url, tp_size in self._tp_sizes.items():
                 # One entry per server TP rank; each rank loads the full HF tensors and shards them itself.
-                payload = {"serialized_named_tensors": [serialized] * tp_size, "load_format": None,
-                           "flush_cache": is_last}
-                if is_last:
-                    payload["weight_version"] = version
-                per_url[url] = payload
+                per_url[url] = body(UpdateWeightsFromTensorReqInput(
+                    serialized_named_tensors=[serialized] * tp_size, load_format=None, flush_cache=is_last,
+                    **({"weight_version": version} if is_last else {})))
             wait_each(self.client.request_each("/update_weights_from_tensor", per_url=per_url))
             stats.num_buckets += 1
             stats.num_tensors += len(bucket)
@@ -353,5 +333,4 @@ class TensorWeightSync:
 
 
 __all__ = ["DiskWeightSync", "DistributedWeightSync", "SyncStats", "TensorWeightSync", "WeightSync",
-           "WeightSyncError", "free_port",
-           "iter_buckets", "save_safetensors_atomic", "serialize_named_tensors"]
+           "WeightSyncError", "iter_buckets", "save_safetensors_atomic", "serialize_named_tensors"]

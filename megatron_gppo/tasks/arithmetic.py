@@ -7,10 +7,10 @@ the demo needs no download and measures generalisation, not memorisation.
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
+
+from megatron_gppo.atomic import write_text_atomic
 
 
 def problem(a: int, b: int) -> dict[str, str]:
@@ -32,9 +32,4 @@ def split_problems(*, num_train: int, num_eval: int, max_operand: int = 99, seed
 
 def write_jsonl(records: list[dict], path: str | Path) -> Path:
     """Write records atomically (temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.writelines(json.dumps(record) + "\n" for record in records)
-    os.replace(tmp.name, path)
-    return path
+    return write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in records))

@@ -14,11 +14,12 @@ Each rank writes `<root>/<family>.<layout>.rank<r>.json`.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from pathlib import Path
 
 import torch
+
+from megatron_gppo.ports import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -26,12 +27,6 @@ from tests._checkpoint_models import FAMILIES, load_hf_tensors, save_family_mode
 
 # name: (tensor_parallel, pipeline_parallel, virtual_pipeline)
 LAYOUTS = {"tp1": (1, 1, 1), "tp2": (2, 1, 1), "pp2": (1, 2, 1), "pp2_vpp2": (1, 2, 2)}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def prepare(root: Path) -> None:

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import gc
 import json
-import socket
 from pathlib import Path
 
 import torch
+
+from megatron_gppo.ports import free_port
 
 MODEL = {
     "architectures": ["Qwen2ForCausalLM"],
@@ -50,12 +51,6 @@ LAYOUTS = {
     "tp2": ({"tensor_parallel": 2}, 1),
     "pp2": ({"pipeline_parallel": 2}, 2),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def random_batch(vocab_size: int, *, num_microbatches: int):

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 from pathlib import Path
 
 import torch
+
+from megatron_gppo.ports import free_port
 
 TINY_QWEN2 = {
     "architectures": ["Qwen2ForCausalLM"],
@@ -58,12 +59,6 @@ LAYOUTS = {
     "dp2_distopt": ({}, {"distributed_optimizer": True}),
     "tp2_pp2": ({"tensor_parallel": 2, "pipeline_parallel": 2}, {}),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def seeded_hf_state_dict(arch, *, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -171,7 +166,7 @@ def run_layouts(rank: int, world_size: int, port: int, names: list[str], ref_pat
         tp_rank, tp = parallel_state.get_tensor_model_parallel_rank(), policy.dims.tp
         num_rows = len(PROMPT_LENS) // dp
         rows = slice(dp_rank * num_rows, (dp_rank + 1) * num_rows)
-        batch = full_batch(old_log_probs=ref["old_log_probs"]).rows(rows.start, rows.stop)
+        batch = full_batch(old_log_probs=ref["old_log_probs"]).rows(rows)
 
         log_probs, entropy, loss, metrics, grads = _step(policy, batch)
         diffs = {

@@ -38,6 +38,6 @@ def rank_main(rank: int, port: int, url: str, model_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    from megatron_gppo.rollout.weight_sync import free_port
+    from megatron_gppo.ports import free_port
 
     mp.spawn(rank_main, args=(free_port(), sys.argv[1], sys.argv[2]), nprocs=2)

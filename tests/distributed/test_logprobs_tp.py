@@ -1,7 +1,6 @@
 """Fused log-probs + entropy with TP=2 (two gloo processes) against TP=1 naive."""
 
 import os
-import socket
 from datetime import timedelta
 
 import pytest
@@ -10,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_gppo.model.logprobs import vocab_parallel_log_probs
+from megatron_gppo.ports import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -77,17 +77,11 @@ def naive(hidden, weight, labels, *, temperature, vocab_size):
     return log_probs, entropy
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tp_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("logprobs_tp")
     # A failing worker raises here (ProcessRaisedException carries its traceback).
-    mp.spawn(_tp_worker, args=(_free_port(), str(out_dir)), nprocs=TP, join=True)
+    mp.spawn(_tp_worker, args=(free_port(), str(out_dir)), nprocs=TP, join=True)
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(TP)]
 
 

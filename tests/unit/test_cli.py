@@ -65,3 +65,21 @@ def test_usage_error_exits_2():
     result = run_cli("train")
     assert result.returncode == 2
     assert "required" in result.stderr
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("algorithm.loss=ce-gppo", "config key 'algorithm.loss': got 'ce-gppo', expected one of 'ce_gppo', 'ppo', "
+                               "'grpo', 'dapo', 'cispo', 'gspo' (did you mean 'ce_gppo'?)"),
+    ("rollout=3", "config key 'rollout': got 3, expected a mapping"),
+    ("rollout.top_k=0", "config key 'rollout.top_k': got 0, expected -1 (disable) or at least 1"),
+    ("algorithm.tis_cap=0.5", "config key 'algorithm.tis_cap': got 0.5, expected null (off) or a number >= 1"),
+    ("train.min_lr=1", "config key 'train.min_lr': got 1.0, expected a number in [0, lr=1e-06]"),
+    ("rollout.server_urls=ftp://a", "config key 'rollout.server_urls': got 'ftp://a', expected URLs starting with "
+                                    "http:// or https://"),
+])
+def test_validation_errors_reach_the_user_as_one_line_with_exit_code_2(tmp_path, override, expected):
+    path = tmp_path / "run.yaml"
+    path.write_text("{}\n")
+    result = run_cli("config", path, override)
+    assert result.returncode == 2
+    assert result.stderr == f"megatron-gppo config: error: {expected}\n"

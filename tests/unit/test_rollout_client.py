@@ -142,7 +142,7 @@ def test_4xx_fails_at_once_and_api_key_is_sent(fake):
 
 
 def test_unreachable_servers_fail_after_retries(fake):
-    from megatron_gppo.rollout.weight_sync import free_port
+    from megatron_gppo.ports import free_port
 
     client = SGLangClient(server_urls=[f"http://127.0.0.1:{free_port()}"], max_retries=1, backoff_s=0.01,
                           request_timeout_s=2, progress=False)

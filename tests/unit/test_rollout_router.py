@@ -19,7 +19,7 @@ import requests
 from megatron_gppo.rollout.client import SGLangClient
 from megatron_gppo.rollout.engine import SamplingParams
 from megatron_gppo.rollout.local_servers import LocalServers
-from megatron_gppo.rollout.weight_sync import free_port
+from megatron_gppo.ports import free_port
 from tests._tiny_models import save_test_model
 
 # Installed by the `test` extra next to this interpreter (its bin/ need not be on PATH).

@@ -1,0 +1,71 @@
+"""Status lines and warnings of the package: one logger tree (`megatron_gppo.*`), one format, rank-aware.
+
+In a job of several processes, global rank 0 says everything; the other
+ranks say only warnings and errors, prefixed with their rank. Lines go to
+the process's current stdout (looked up at each line, so a redirect or a
+test's capture sees them): status as the bare message, warnings as
+`warning: ...`. The live progress line and the final summary are not log
+lines; `metrics.py` writes those itself.
+
+Modules log with `logging.getLogger(__name__)`; `setup()` runs once, when
+the package is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+ROOT = "megatron_gppo"
+
+
+def process_rank() -> int:
+    """This process's global rank: torch.distributed's once initialised, else the launcher's, else 0."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+class _CurrentStdout(logging.StreamHandler):
+    """A handler writing to whatever `sys.stdout` is when a line is emitted."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+class _Format(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        if record.levelno >= logging.WARNING:
+            message = f"{record.levelname.lower()}: {message}"
+        rank = process_rank()
+        return f"[rank {rank}] {message}" if rank else message
+
+
+class _RankFilter(logging.Filter):
+    """Rank 0 says everything; other ranks only warnings and errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or process_rank() == 0
+
+
+def setup() -> None:
+    logger = logging.getLogger(ROOT)
+    if any(isinstance(handler, _CurrentStdout) for handler in logger.handlers):
+        return
+    handler = _CurrentStdout()
+    handler.setFormatter(_Format())
+    handler.addFilter(_RankFilter())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+__all__ = ["ROOT", "process_rank", "setup"]
