@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Callable
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
@@ -22,6 +23,8 @@ SUBCOMMANDS = {
 }
 
 EXIT_USER_ERROR = 2
+# What a user can cause (a bad config value, a missing path): one line, not a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,6 +48,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_reporting_user_errors(job: Callable[[], int | None], *, prefix: str = "error: ",
+                              traceback: bool = False) -> int:
+    """`job()`'s exit code; a user error becomes `<prefix><first line of the message>` on stderr and code 2.
+
+    Also used by the scripts in tools/, so every entry point answers bad input the same way.
+    """
+    try:
+        return job() or 0
+    except USER_ERRORS as err:
+        if traceback:
+            raise
+        print(f"{prefix}{str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def tool_main(parser: argparse.ArgumentParser, job: Callable[[argparse.Namespace], int | None],
+              argv: list[str] | None = None) -> int:
+    """The `main` of a script in tools/: parse `argv`, run `job(args)`; a user error is one line and code 2."""
+    from megatron_gppo.logs import quiet_cpu_install_warnings
+
+    args = parser.parse_args(argv)
+    quiet_cpu_install_warnings()
+    return run_reporting_user_errors(lambda: job(args))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -52,12 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     try:
-        return importlib.import_module(args._module).run(args) or 0
-    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
-        if args.traceback:
-            raise
-        print(f"megatron-gppo {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return run_reporting_user_errors(lambda: importlib.import_module(args._module).run(args),
+                                         prefix=f"megatron-gppo {args.command}: error: ", traceback=args.traceback)
     except KeyboardInterrupt:
         print(f"megatron-gppo {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 ROOT = "megatron_gppo"
 
@@ -56,6 +57,11 @@ class _RankFilter(logging.Filter):
         return record.levelno >= logging.WARNING or process_rank() == 0
 
 
+def quiet_cpu_install_warnings() -> None:
+    """Silence the warnings megatron-core prints on every CPU install (no Transformer Engine, apex, CUDA)."""
+    warnings.filterwarnings("ignore", message=".*(torch.distributed is disabled|Transformer Engine and Apex).*")
+
+
 def setup() -> None:
     logger = logging.getLogger(ROOT)
     if any(isinstance(handler, _CurrentStdout) for handler in logger.handlers):
@@ -68,4 +74,4 @@ def setup() -> None:
     logger.propagate = False
 
 
-__all__ = ["ROOT", "process_rank", "setup"]
+__all__ = ["ROOT", "process_rank", "quiet_cpu_install_warnings", "setup"]

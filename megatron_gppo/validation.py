@@ -61,10 +61,12 @@ def describe_type(annotation: Any, *, finite: bool = False) -> str:
     return _NOUNS.get(annotation, "a dict" if origin is dict else str(annotation))
 
 
-def describe_field(field: FieldInfo, *, with_bound: bool = True, finite: bool = False) -> str:
+def describe_field(field: FieldInfo, *, with_bound: bool = True, with_null: bool = True,
+                   finite: bool = False) -> str:
     """What `field` accepts, e.g. `null or a number in [0, 1)`; `with_bound=False` leaves the range out.
 
     A field whose `json_schema_extra` has `{"null": "off"}` says `null (off) or ...` with its range.
+    `with_null=False` leaves out that null is accepted (where null only means "the default").
     """
     annotation, nullable = _without_none(field.annotation)
     text = describe_type(annotation, finite=finite)
@@ -72,7 +74,7 @@ def describe_field(field: FieldInfo, *, with_bound: bool = True, finite: bool = 
         bound = Bound(**{side: getattr(m, side) for m in field.metadata if isinstance(m, (Ge, Gt, Le, Lt))
                          for side in ("ge", "gt", "le", "lt") if hasattr(m, side)})
         text = bound.describe(text)
-    if nullable:
+    if nullable and with_null:
         meaning = (field.json_schema_extra or {}).get("null") if with_bound else None
         text = f"null ({meaning}) or {text}" if meaning else f"null or {text}"
     return text

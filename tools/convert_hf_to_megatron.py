@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
+
+from megatron_gppo.cli import tool_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,19 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*(torch.distributed is disabled|Transformer Engine and Apex).*")
-    try:
-        from megatron_gppo.checkpoint.convert import convert_hf_to_megatron
+def convert(args: argparse.Namespace) -> int:
+    from megatron_gppo.checkpoint.convert import convert_hf_to_megatron
 
-        start = time.time()
-        out = convert_hf_to_megatron(args.hf_dir, args.output_dir, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    start = time.time()
+    out = convert_hf_to_megatron(args.hf_dir, args.output_dir, progress=not args.no_progress)
     print(f"wrote {out} in {time.time() - start:.1f}s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return tool_main(build_parser(), convert, argv)
 
 
 if __name__ == "__main__":

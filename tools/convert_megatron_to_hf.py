@@ -19,7 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
+
+from megatron_gppo.cli import tool_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,23 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*(torch.distributed is disabled|Transformer Engine and Apex).*")
-    try:
-        from megatron_gppo.checkpoint.convert import convert_megatron_to_hf
-        from megatron_gppo.checkpoint.training import resolve_checkpoint_dir
+def convert(args: argparse.Namespace) -> int:
+    from megatron_gppo.checkpoint.convert import convert_megatron_to_hf
+    from megatron_gppo.checkpoint.training import resolve_checkpoint_dir
 
-        start = time.time()
-        source = resolve_checkpoint_dir(args.megatron_dir)
-        out = convert_megatron_to_hf(source, args.output_dir, hf_config_dir=args.hf_config,
-                                     max_shard_size=args.max_shard_size, dtype=args.dtype,
-                                     progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    start = time.time()
+    source = resolve_checkpoint_dir(args.megatron_dir)
+    out = convert_megatron_to_hf(source, args.output_dir, hf_config_dir=args.hf_config,
+                                 max_shard_size=args.max_shard_size, dtype=args.dtype,
+                                 progress=not args.no_progress)
     print(f"wrote {out} from {source} in {time.time() - start:.1f}s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return tool_main(build_parser(), convert, argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ import json
 import sys
 from dataclasses import dataclass
 
-from megatron_gppo.config import ConfigError, load_config
+from megatron_gppo.cli import tool_main
+from megatron_gppo.config import load_config
 from megatron_gppo.model.arch import ModelArch
 from megatron_gppo.model.memory import MemoryEstimate, estimate_memory
 from megatron_gppo.model.parallel import ParallelDims
@@ -162,16 +163,10 @@ def describe(request: Request) -> list[str]:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        request = resolve(args)
-        peak = estimate(request)
-        stages = [estimate(request, pipeline_rank=rank) for rank in range(request.dims.pp)]
-    except (ValueError, FileNotFoundError) as exc:  # ConfigError is a ValueError
-        message = str(exc) if isinstance(exc, ConfigError) else str(exc).splitlines()[0]
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+def report(args: argparse.Namespace) -> int:
+    request = resolve(args)
+    peak = estimate(request)
+    stages = [estimate(request, pipeline_rank=rank) for rank in range(request.dims.pp)]
     if args.json:
         print(json.dumps({
             **peak.to_dict(),
@@ -193,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     for note in request.notes:
         print(f"note: {note}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return tool_main(build_parser(), report, argv)
 
 
 if __name__ == "__main__":

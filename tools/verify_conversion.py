@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
+
+from megatron_gppo.cli import tool_main
 
 DEFAULT_ATOL = {"float32": 1e-4, "bfloat16": 5e-2}
 
@@ -36,28 +37,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*(torch.distributed is disabled|Transformer Engine and Apex).*")
-    atol = DEFAULT_ATOL[args.dtype] if args.atol is None else args.atol
-    try:
-        from megatron_gppo.checkpoint.training import resolve_checkpoint_dir
-        from megatron_gppo.checkpoint.verify import VerifyLayout, verify_conversion
+def verify(args: argparse.Namespace) -> int:
+    from megatron_gppo.checkpoint.training import resolve_checkpoint_dir
+    from megatron_gppo.checkpoint.verify import VerifyLayout, verify_conversion
 
-        if min(args.tp, args.pp, args.vpp, args.batch_size, args.seq_len) < 1:
-            raise ValueError("--tp, --pp, --vpp, --batch-size and --seq-len must be >= 1")
-        result = verify_conversion(
-            args.hf_dir, resolve_checkpoint_dir(args.megatron_dir),
-            layout=VerifyLayout(tp=args.tp, pp=args.pp, vpp=args.vpp),
-            dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
-        )
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    result["atol"] = atol
-    result["ok"] = result["max_abs_logit_diff"] <= atol
+    if min(args.tp, args.pp, args.vpp, args.batch_size, args.seq_len) < 1:
+        raise ValueError("--tp, --pp, --vpp, --batch-size and --seq-len must be >= 1")
+    result = verify_conversion(
+        args.hf_dir, resolve_checkpoint_dir(args.megatron_dir),
+        layout=VerifyLayout(tp=args.tp, pp=args.pp, vpp=args.vpp),
+        dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
+    )
+    result["atol"] = DEFAULT_ATOL[args.dtype] if args.atol is None else args.atol
+    result["ok"] = result["max_abs_logit_diff"] <= result["atol"]
     print(json.dumps(result))
     return 0 if result["ok"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return tool_main(build_parser(), verify, argv)
 
 
 if __name__ == "__main__":

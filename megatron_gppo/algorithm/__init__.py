@@ -14,23 +14,12 @@ from megatron_gppo.algorithm.losses import (
     loss_kwargs,
     loss_normalizers,
 )
-from megatron_gppo.algorithm.schedules import (
-    BETA_SCHEDULES,
-    ConstantBetas,
-    EntropyTargetController,
-    LinearRamp,
-    StepSwitch,
-    make_beta_schedule,
-)
+from megatron_gppo.algorithm.schedules import BETA_SCHEDULES, make_beta_schedule
 
 __all__ = [
     "AGGREGATIONS",
     "BETA_SCHEDULES",
     "POLICY_LOSSES",
-    "ConstantBetas",
-    "EntropyTargetController",
-    "LinearRamp",
-    "StepSwitch",
     "TokenLoss",
     "aggregate",
     "combine_metrics",

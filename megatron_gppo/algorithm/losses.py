@@ -9,7 +9,12 @@ How it is put together:
 
 1. A variant in `POLICY_LOSSES` (`ce_gppo`, `ppo`, `grpo`, `dapo`, `cispo`,
    `gspo`) maps the tensors to per-token losses and clip masks (`TokenLoss`).
-   Its keyword defaults are the only place its hyperparameters are defaulted.
+   Every variant has the same keyword-only signature, the four tensors and
+   then its own hyperparameters with their defaults: the registry calls them
+   alike, validation reads which hyperparameters a variant takes from its
+   signature, and those defaults are the only place the hyperparameters are
+   defaulted (the run config reads them with `hparam_default`; their ranges
+   are `HPARAM_BOUNDS`).
 2. An optional truncated importance-sampling weight (`rollout_log_probs=`,
    `tis_cap=`) multiplies the per-token loss, correcting for the rollout
    engine's log-probs differing from the trainer's.
@@ -49,9 +54,7 @@ all-correct groups (advantage 0), which dynamic sampling drops anyway.
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
 

@@ -5,6 +5,9 @@ HF config.json (`MAPPINGS`), never by substring:
 
     Qwen2ForCausalLM -> qwen2.py    LlamaForCausalLM -> llama.py    Qwen3ForCausalLM -> qwen3.py
 
+Each family file spells out its whole table, even the rows it shares with
+another family: one file is all a reader checks against one HF architecture.
+
 Modules: `mapping` (tables and per-tensor fuse/split), `hf_io` (streaming
 safetensors), `dist_io` (megatron torch_dist files without a model),
 `convert` (the two conversions), `live` (a running, sharded model: load a

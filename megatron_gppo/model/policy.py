@@ -103,21 +103,9 @@ class Policy:
 
     # ------------------------------------------------------------------ training
 
-    def forward_backward_step(
-        self,
-        batch: PolicyBatch,
-        *,
-        loss_name: str,
-        loss_hparams: Mapping[str, Any] | None = None,
-        temperature: float = 1.0,
-        micro_batch_size: int,
-        fused: bool = True,
-    ) -> TrainStepResult:
-        """One optimizer step on `batch` (see `forward_backward` for the arguments)."""
-        loss, metrics = self.forward_backward(
-            batch, loss_name=loss_name, loss_hparams=loss_hparams, temperature=temperature,
-            micro_batch_size=micro_batch_size, fused=fused,
-        )
+    def forward_backward_step(self, batch: PolicyBatch, **forward_backward_args: Any) -> TrainStepResult:
+        """One optimizer step on `batch`: `forward_backward(batch, **forward_backward_args)`, then `step()`."""
+        loss, metrics = self.forward_backward(batch, **forward_backward_args)
         stats = self.step()
         return TrainStepResult(loss=loss, grad_norm=stats.grad_norm, lr=stats.lr,
                                update_successful=stats.update_successful, metrics=metrics)

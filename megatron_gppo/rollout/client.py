@@ -219,7 +219,6 @@ class SGLangClient:
                         desc: str) -> list[list[Sample]]:
         from tqdm.auto import tqdm
 
-        session = await self._session()
         stats = GenerateStats()
         self.last_stats = stats
         batch = uuid.uuid4().hex[:12]

@@ -98,7 +98,8 @@ def request_error(error: ValidationError, model: type[BaseModel], *, prefix: str
         return f"{key or 'the request'}: {problem['msg']}"
     if problem["type"] == "missing":
         return f"missing required field '{key}'"
-    expected = describe_field(where.field, with_bound=False, finite=True).removeprefix("null or ")
+    # Null means "the default" in SGLang's requests: not worth saying.
+    expected = describe_field(where.field, with_bound=False, with_null=False, finite=True)
     return f"{key} must be {expected}, got {problem['input']!r}"
 
 

@@ -19,8 +19,6 @@ from pathlib import Path
 
 import torch
 
-from megatron_gppo.ports import free_port
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests._checkpoint_models import FAMILIES, load_hf_tensors, save_family_model  # noqa: E402
@@ -106,4 +104,4 @@ def run_layouts(rank: int, world_size: int, port: int, root: str, plan: list[tup
         destroy_distributed()
 
 
-__all__ = ["FAMILIES", "LAYOUTS", "free_port", "prepare", "run_layouts"]
+__all__ = ["FAMILIES", "LAYOUTS", "prepare", "run_layouts"]

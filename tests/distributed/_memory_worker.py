@@ -25,8 +25,6 @@ from pathlib import Path
 
 import torch
 
-from megatron_gppo.ports import free_port
-
 MODEL = {
     "architectures": ["Qwen2ForCausalLM"],
     "model_type": "qwen2",

@@ -19,8 +19,6 @@ from pathlib import Path
 
 import torch
 
-from megatron_gppo.ports import free_port
-
 TINY_QWEN2 = {
     "architectures": ["Qwen2ForCausalLM"],
     "model_type": "qwen2",

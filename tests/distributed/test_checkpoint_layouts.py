@@ -21,6 +21,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from megatron_gppo.ports import free_port
+
 import _checkpoint_worker as worker
 
 pytestmark = pytest.mark.distributed
@@ -37,9 +39,9 @@ CASES = [(f, "tp1", "meg") for f in FAMILIES] + TWO_PROCESS_PLAN
 def layouts(tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoint_layouts")
     worker.prepare(root)
-    mp.spawn(worker.run_layouts, args=(1, worker.free_port(), str(root), [(f, "tp1", "meg") for f in FAMILIES]),
+    mp.spawn(worker.run_layouts, args=(1, free_port(), str(root), [(f, "tp1", "meg") for f in FAMILIES]),
              nprocs=1, join=True)
-    mp.spawn(worker.run_layouts, args=(2, worker.free_port(), str(root), TWO_PROCESS_PLAN), nprocs=2, join=True)
+    mp.spawn(worker.run_layouts, args=(2, free_port(), str(root), TWO_PROCESS_PLAN), nprocs=2, join=True)
     results = {}
     for family, layout, source in CASES:
         name = f"{family}.{layout}" + ("" if source == "meg" else f".from_{source}")

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as mp
 
-import _checkpoint_worker
+from megatron_gppo.ports import free_port
+
 import _training_checkpoint_worker as worker
 
 pytestmark = pytest.mark.distributed
@@ -34,7 +35,7 @@ TOLERANCE = 1e-5
 def _run_and_kill(root: Path) -> str:
     """Start the killed run in its own session; SIGKILL the whole session inside the step-2 save."""
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import _training_checkpoint_worker as w;"
-            f" w.run_killed({str(root)!r}, {_checkpoint_worker.free_port()})")
+            f" w.run_killed({str(root)!r}, {free_port()})")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, start_new_session=True)
     tmp = root / "run_killed" / "checkpoints" / ".tmp-step_00000002"
@@ -56,14 +57,14 @@ def _run_and_kill(root: Path) -> str:
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     root = tmp_path_factory.mktemp("training_checkpoints")
-    mp.spawn(worker.run_dp2, args=(_checkpoint_worker.free_port(), str(root)), nprocs=2, join=True)
+    mp.spawn(worker.run_dp2, args=(free_port(), str(root)), nprocs=2, join=True)
     output = _run_and_kill(root)
     assert "SAVED1" in output
     killed = root / "run_killed" / "checkpoints"
     # Right after the kill, before anything else touches the run.
     after_kill = {"latest": (killed / "latest").read_text().strip(),
                   "dirs": sorted(p.name for p in killed.iterdir())}
-    mp.spawn(worker.run_dp1, args=(_checkpoint_worker.free_port(), str(root)), nprocs=1, join=True)
+    mp.spawn(worker.run_dp1, args=(free_port(), str(root)), nprocs=1, join=True)
     result = json.loads((root / "dp1_result.json").read_text())
     print(f"\nresumed at DP=1: params diff {result['params_diff']:.1e}, after one more step"
           f" {result['params_after_4_diff']:.1e} (vs the DP=2 run)")

@@ -20,6 +20,8 @@ import json
 import pytest
 import torch.multiprocessing as mp
 
+from megatron_gppo.ports import free_port
+
 import _memory_worker as worker
 
 pytestmark = pytest.mark.distributed
@@ -34,7 +36,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("memory")
     # The groups run at the same time (each process measures only itself): the one-process
     # group would leave a core idle otherwise.
-    contexts = [mp.spawn(worker.run_layouts, args=(world_size, worker.free_port(), names, str(out)),
+    contexts = [mp.spawn(worker.run_layouts, args=(world_size, free_port(), names, str(out)),
                          nprocs=world_size, join=False)
                 for world_size, names in GROUPS]
     for context in contexts:

@@ -19,6 +19,8 @@ import json
 import pytest
 import torch.multiprocessing as mp
 
+from megatron_gppo.ports import free_port
+
 import _policy_worker as worker
 
 pytestmark = pytest.mark.distributed
@@ -31,9 +33,9 @@ GROUPS = ((2, ["tp2", "tp2_sp", "pp2", "pp2_vpp2", "pp2_uneven", "dp2", "dp2_dis
 def layout_diffs(tmp_path_factory):
     out = tmp_path_factory.mktemp("policy_layouts")
     ref_path = str(out / "reference.pt")
-    mp.spawn(worker.run_reference, args=(worker.free_port(), ref_path), nprocs=1, join=True)
+    mp.spawn(worker.run_reference, args=(free_port(), ref_path), nprocs=1, join=True)
     for world_size, names in GROUPS:
-        mp.spawn(worker.run_layouts, args=(world_size, worker.free_port(), names, ref_path, str(out)),
+        mp.spawn(worker.run_layouts, args=(world_size, free_port(), names, ref_path, str(out)),
                  nprocs=world_size, join=True)
     diffs = {}
     for world_size, names in GROUPS:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from megatron_gppo.algorithm import combine_metrics, compute_policy_loss, diagnostics
+from tests._losses import loss_on_rows
 
 F64 = torch.float64
 ALGORITHM_DIR = Path(__file__).resolve().parents[2] / "megatron_gppo" / "algorithm"
@@ -97,17 +98,11 @@ def test_combine_metrics_equals_whole_batch_metrics():
     entropy = torch.rand(7, 6, dtype=F64, generator=generator)
     rollout_log_probs = old_log_probs + 0.2 * torch.randn(7, 6, dtype=F64, generator=generator)
 
+    tensors = dict(log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages, loss_mask=loss_mask,
+                   entropy=entropy, rollout_log_probs=rollout_log_probs)
+
     def metrics_of(rows):
-        _, metrics = compute_policy_loss(
-            "ce_gppo",
-            log_probs=log_probs[rows],
-            old_log_probs=old_log_probs[rows],
-            advantages=advantages[rows],
-            loss_mask=loss_mask[rows],
-            entropy=entropy[rows],
-            rollout_log_probs=rollout_log_probs[rows],
-        )
-        return metrics
+        return loss_on_rows("ce_gppo", rows, tensors=tensors)[1]
 
     whole = metrics_of(slice(None))
     parts = [metrics_of(rows) for rows in (slice(0, 3), slice(3, 4), slice(4, 7))]

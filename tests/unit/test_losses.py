@@ -5,6 +5,7 @@ import torch
 
 from megatron_gppo.algorithm import losses
 from megatron_gppo.algorithm.losses import AGGREGATIONS, POLICY_LOSSES, compute_policy_loss, loss_normalizers
+from tests._losses import loss_on_rows
 
 F64 = torch.float64
 
@@ -312,18 +313,11 @@ def test_micro_batches_with_global_normalizers_sum_to_the_whole_batch(name, aggr
     log_probs, old_log_probs, advantages, loss_mask, entropy, rollout_log_probs = random_batch(seed=5, spread=0.3)
     extra = dict(aggregation=aggregation, entropy_coef=0.01, nll_coef=0.1, tis_cap=1.5)
 
+    tensors = dict(log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages, loss_mask=loss_mask,
+                   entropy=entropy, rollout_log_probs=rollout_log_probs)
+
     def run(rows, **normalizers):
-        return compute_policy_loss(
-            name,
-            log_probs=log_probs[rows],
-            old_log_probs=old_log_probs[rows],
-            advantages=advantages[rows],
-            loss_mask=loss_mask[rows],
-            entropy=entropy[rows],
-            rollout_log_probs=rollout_log_probs[rows],
-            **extra,
-            **normalizers,
-        )
+        return loss_on_rows(name, rows, tensors=tensors, **extra, **normalizers)
 
     whole_loss, _ = run(slice(None))
     whole_grads = torch.autograd.grad(whole_loss, (log_probs, entropy))

@@ -2,14 +2,8 @@
 
 import pytest
 
-from megatron_gppo.algorithm import (
-    BETA_SCHEDULES,
-    ConstantBetas,
-    EntropyTargetController,
-    LinearRamp,
-    StepSwitch,
-    make_beta_schedule,
-)
+from megatron_gppo.algorithm.schedules import (BETA_SCHEDULES, ConstantBetas, EntropyTargetController, LinearRamp,
+                                               StepSwitch, make_beta_schedule)
 
 
 def test_constant():
