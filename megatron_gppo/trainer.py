@@ -98,6 +98,8 @@ def train_on_batch(policy: Policy, rollouts: RolloutBatch, *, config: RunConfig)
                for _ in range(config.train.num_epochs) for segment in segments]
     return {
         **combine_metrics(result.metrics for result in updates),
+        # After the loss's metrics: with an entropy bonus the loss also reports the entropy it saw
+        # mid-update, and the step's `entropy` is the sampling policy's.
         **sampled,
         "loss": sum(r.loss for r in updates) / len(updates),
         "grad_norm": sum(r.grad_norm for r in updates) / len(updates),
