@@ -91,9 +91,9 @@ class SamplingParams(_Request):
 
     # Accepted at their defaults only (`spaces_between_special_tokens` and
     # `stream_interval` shape text and streaming, and are ignored here).
-    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("stop_regex", "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens",
-                   "beam_width", "json_schema", "regex", "ebnf", "structural_tag", "logit_bias", "custom_params",
-                   "watermark")
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = (
+        "stop_regex", "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "beam_width",
+        "json_schema", "regex", "ebnf", "structural_tag", "logit_bias", "custom_params", "watermark")
 
     @model_validator(mode="before")
     @classmethod
@@ -210,15 +210,15 @@ class GenerateReqInput(_Request):
 
     # Features of SGLang this server does not have; routing, logging and
     # disaggregation hints are accepted and ignored.
-    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("input_embeds", "image_data", "video_data", "audio_data", "mm_hashes", "mm_content_hashes",
-                   "use_audio_in_video", "video_config", "watermark", "token_ids_logprob", "return_sampling_mask",
-                   "sampling_logprobs_mode", "return_flat_raw_top_logprobs", "return_flat_raw_output_top_logprobs",
-                   "return_flat_raw_top_logprobs_b64", "return_hidden_states", "return_routed_experts",
-                   "return_indexer_topk", "session_params", "lora_path", "lora_id", "custom_logit_processor",
-                   "positional_embed_overrides", "require_reasoning", "max_thinking_tokens", "return_entropy",
-                   "return_prompt_token_ids", "max_dynamic_patch", "min_dynamic_patch", "image_max_dynamic_patch",
-                   "video_max_dynamic_patch", "images_config", "mm_processor_kwargs", "multi_item_delimiter_indices",
-                   "token_indices_to_pool")
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = (
+        "input_embeds", "image_data", "video_data", "audio_data", "mm_hashes", "mm_content_hashes",
+        "use_audio_in_video", "video_config", "watermark", "token_ids_logprob", "return_sampling_mask",
+        "sampling_logprobs_mode", "return_flat_raw_top_logprobs", "return_flat_raw_output_top_logprobs",
+        "return_flat_raw_top_logprobs_b64", "return_hidden_states", "return_routed_experts", "return_indexer_topk",
+        "session_params", "lora_path", "lora_id", "custom_logit_processor", "positional_embed_overrides",
+        "require_reasoning", "max_thinking_tokens", "return_entropy", "return_prompt_token_ids", "max_dynamic_patch",
+        "min_dynamic_patch", "image_max_dynamic_patch", "video_max_dynamic_patch", "images_config",
+        "mm_processor_kwargs", "multi_item_delimiter_indices", "token_indices_to_pool")
 
 
 # ----------------------------------------------------------------------------

@@ -176,7 +176,8 @@ class DistributedWeightSync:
                     group_name=self.active_group_name, backend=self.backend)
         # The servers' answers come only once everyone, us included, has joined.
         futures = self.client.request_each("/init_weights_update_group", per_url={
-            url: body(InitWeightsUpdateGroupReqInput(**base, rank_offset=offsets[url])) for url in self.client.server_urls})
+            url: body(InitWeightsUpdateGroupReqInput(**base, rank_offset=offsets[url]))
+            for url in self.client.server_urls})
         self.group = _beside_servers(lambda: init_weight_update_group(rank=0, timeout_s=self.timeout_s, **base),
                                      futures)
 

@@ -92,7 +92,8 @@ def test_the_client_sends_what_the_models_accept():
 
 @pytest.mark.parametrize("model, body, message", [
     ("InitWeightsUpdateGroupReqInput", {"master_address": "127.0.0.1"}, "missing required field 'master_port'"),
-    ("PauseGenerationReqInput", {"mode": "sideways"}, "mode must be one of 'abort', 'retract', 'in_place', got 'sideways'"),
+    ("PauseGenerationReqInput", {"mode": "sideways"},
+     "mode must be one of 'abort', 'retract', 'in_place', got 'sideways'"),
     ("AbortReq", {"rid": 5}, "rid must be a string, got 5"),
     ("UpdateWeightsFromDistributedReqInput", {"names": ["w"], "dtypes": ["float32"], "shapes": [["x"]]},
      "shapes must be a list of lists of integers, got 'x'"),
