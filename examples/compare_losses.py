@@ -62,10 +62,14 @@ def main() -> None:
         start = time.monotonic()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         print(f"  {time.monotonic() - start:.0f} s", flush=True)
-    compare_runs(dirs, key="entropy", output=out / "entropy.png", title="Policy entropy (nats per token)")
-    compare_runs(dirs, key="eval_accuracy", output=out / "eval_accuracy.png", title="Held-out accuracy (avg@k)")
-    compare_runs(dirs, key="reward_mean", output=out / "reward.png", title="Training reward (mean over samples)")
-    compare_runs(dirs, key="clip_frac_low", output=out / "clip_frac_low.png", title="Fraction clipped below 1 - eps")
+    compare_runs(dirs, key="entropy", output=out / "entropy.png", title="Policy entropy on its own samples",
+                 ylabel="nats per response token")
+    compare_runs(dirs, key="eval_accuracy", output=out / "eval_accuracy.png", title="Held-out accuracy (avg@k)",
+                 ylabel="share of samples correct")
+    compare_runs(dirs, key="reward_mean", output=out / "reward.png", title="Training reward",
+                 ylabel="mean reward per sample")
+    compare_runs(dirs, key="clip_frac_low", output=out / "clip_frac_low.png",
+                 title="Tokens clipped low: ratio < 1 - eps_low, advantage < 0", ylabel="fraction of response tokens")
     print(f"{'run':<28} {'entropy first':>14} {'entropy last':>13} {'entropy mean':>13} {'clip low':>9} "
           f"{'of them HP':>11} {'clip high':>10} {'eval first':>11} {'eval last':>10}")
     for label, path in dirs.items():

@@ -64,7 +64,8 @@ def main() -> None:
     (first_step, first), (last_step, last) = evals[0], evals[-1]
     print(f"\nheld-out accuracy (avg@k): {100 * first:.1f}% at step {first_step} (SFT start) -> "
           f"{100 * last:.1f}% at step {last_step} ({100 * (last - first):+.1f} points)")
-    print(f"plots: {rl / 'plots'}")
+    print(f"plots: {rl / 'plots'} (summary.png: everything on one page)")
+    print(f"the trained model: {rl / 'hf'}; try `megatron-gppo serve --model-path {rl / 'hf'}`")
 
 
 if __name__ == "__main__":

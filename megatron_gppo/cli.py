@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 from typing import Callable
+
+from megatron_gppo.logs import route_library_warnings
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
@@ -40,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="CE-GPPO reinforcement learning on a Megatron-Core policy with SGLang rollouts.",
     )
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of user errors")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show other packages' warnings (train and sft write them to OUTPUT_DIR/logs/)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -65,12 +71,14 @@ def run_reporting_user_errors(job: Callable[[], int | None], *, prefix: str = "e
 
 def tool_main(parser: argparse.ArgumentParser, job: Callable[[argparse.Namespace], int | None],
               argv: list[str] | None = None) -> int:
-    """The `main` of a script in tools/: parse `argv`, run `job(args)`; a user error is one line and code 2."""
-    from megatron_gppo.logs import quiet_cpu_install_warnings
+    """The `main` of a script in tools/: parse `argv`, run `job(args)`; a user error is one line and code 2.
 
+    Other packages' warnings are shown only with `--verbose`, and a closed pipe ends the script quietly.
+    """
+    parser.add_argument("--verbose", action="store_true", help="show other packages' warnings")
     args = parser.parse_args(argv)
-    quiet_cpu_install_warnings()
-    return run_reporting_user_errors(lambda: job(args))
+    route_library_warnings(verbose=args.verbose)
+    return _survive_closed_pipe(lambda: run_reporting_user_errors(lambda: job(args)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,12 +87,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USER_ERROR
+    route_library_warnings(verbose=args.verbose)
     try:
-        return run_reporting_user_errors(lambda: importlib.import_module(args._module).run(args),
-                                         prefix=f"megatron-gppo {args.command}: error: ", traceback=args.traceback)
+        return _survive_closed_pipe(lambda: run_reporting_user_errors(
+            lambda: importlib.import_module(args._module).run(args),
+            prefix=f"megatron-gppo {args.command}: error: ", traceback=args.traceback))
     except KeyboardInterrupt:
         print(f"megatron-gppo {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _survive_closed_pipe(job: Callable[[], int]) -> int:
+    """`job()`, ending quietly when stdout's reader has gone (`megatron-gppo ... | head`), as `git` does."""
+    try:
+        code = job()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # Python would otherwise fail again flushing stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -369,6 +369,9 @@ class TrainConfig(Section):
     stop_file: str = Field("PREEMPT", min_length=1)
     """Once this file exists (relative paths are in output_dir) the run checkpoints and exits 0 at the next step boundary; the Slurm launchers create it when Slurm signals the job, and requeue it."""
 
+    export_hf: bool = True
+    """When training reaches max_steps, write the policy as a Hugging Face model to output_dir/hf (safetensors, config, tokenizer): what `megatron-gppo serve` and transformers load."""
+
     deadline_minutes: float = Field(0.0, ge=0)
     """Wall-clock budget of one run attempt: checkpoint, create `stop_file` and exit 0 before the next step would overrun it (0: none). For clusters that send no signal before the time limit."""
 

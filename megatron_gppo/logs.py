@@ -9,6 +9,12 @@ lines; `metrics.py` writes those itself.
 
 Modules log with `logging.getLogger(__name__)`; `setup()` runs once, when
 the package is imported.
+
+Warnings that other packages raise with `warnings.warn` (megatron-core on a
+CPU install: no Transformer Engine, no apex; deprecations in torch and
+transformers) are expected and say nothing about the run: the commands send
+them to a log file in the run directory (`route_library_warnings`), or to
+stderr with `megatron-gppo --verbose`.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import warnings
+from pathlib import Path
 
 ROOT = "megatron_gppo"
 
@@ -40,6 +46,11 @@ class _CurrentStdout(logging.StreamHandler):
     def stream(self, _value) -> None:
         pass
 
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError):  # the reader went away (`| head`): not an error
+            return
+        super().handleError(record)
+
 
 class _Format(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -57,9 +68,28 @@ class _RankFilter(logging.Filter):
         return record.levelno >= logging.WARNING or process_rank() == 0
 
 
-def quiet_cpu_install_warnings() -> None:
-    """Silence the warnings megatron-core prints on every CPU install (no Transformer Engine, apex, CUDA)."""
-    warnings.filterwarnings("ignore", message=".*(torch.distributed is disabled|Transformer Engine and Apex).*")
+def route_library_warnings(*, verbose: bool, log_file: str | os.PathLike | None = None) -> None:
+    """Where Python warnings go from now on: stderr when `verbose`, else `log_file` (appended), else nowhere.
+
+    transformers logs its deprecations through a logger of its own, configured from this variable when
+    it is first imported (here or in a process this one starts).
+    """
+    os.environ["TRANSFORMERS_VERBOSITY"] = "warning" if verbose else "error"
+    logging.captureWarnings(True)
+    logger = logging.getLogger("py.warnings")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.propagate = False
+    if verbose:
+        logger.addHandler(logging.StreamHandler(sys.stderr))
+    elif log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        logger.addHandler(handler)
+    else:
+        logger.addHandler(logging.NullHandler())
 
 
 def setup() -> None:
@@ -74,4 +104,4 @@ def setup() -> None:
     logger.propagate = False
 
 
-__all__ = ["ROOT", "process_rank", "quiet_cpu_install_warnings", "setup"]
+__all__ = ["ROOT", "process_rank", "route_library_warnings", "setup"]

@@ -63,10 +63,11 @@ class MetricsLogger:
         if config.wandb_mode != "disabled":
             import wandb
 
+            # silent: our progress line and summary are the terminal's; wandb's own lines are not.
             self._wandb_run = wandb.init(
                 mode=config.wandb_mode, dir=str(self.run_dir), project=config.wandb_project,
                 name=config.run_name or self.run_dir.name, config=run_config,
-                id=self._wandb_id(), resume="allow",
+                id=self._wandb_id(), resume="allow", settings=wandb.Settings(silent=True, console="off"),
             )
 
     def _wandb_id(self) -> str:
@@ -100,17 +101,24 @@ class MetricsLogger:
         print(summary_table(read_metrics(self.path)))
 
 
+# Headline metrics with a better direction; the others (entropy, clip fractions, length) have none.
+BEST = {"reward_mean": max, "eval_accuracy": max, "sft_loss": min}
+
+
 def summary_table(records: list[dict[str, Any]]) -> str:
-    """First and last value of each headline metric, as an aligned text table."""
+    """First, last and best value of each headline metric, as an aligned text table."""
     rows = [("metric", "first", "last", "best")]
     for key in HEADLINE:
         values = [(r["step"], r[key]) for r in records if key in r]
         if not values:
             continue
-        best = max(v for _, v in values) if key in ("reward_mean", "eval_accuracy") else None
-        rows.append((key, f"{_format(values[0][1])} (step {values[0][0]})",
-                     f"{_format(values[-1][1])} (step {values[-1][0]})", _format(best) if best is not None else ""))
+        (first_step, first), (last_step, last) = values[0], values[-1]
+        best = BEST[key](v for _, v in values) if key in BEST else None
+        rows.append((key, f"{_format(first)} (step {first_step})", f"{_format(last)} (step {last_step})",
+                     "-" if best is None else _format(best)))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
+    lines.append("best: the highest reward and held-out accuracy, the lowest SFT loss; "
+                 "'-' where neither direction is better")
     return "\n".join(lines)

@@ -51,11 +51,10 @@ def run(config: RunConfig) -> Path:
     from transformers import AutoTokenizer
 
     from megatron_gppo.batching import shard_rows
-    from megatron_gppo.checkpoint.live import iter_hf_tensors
+    from megatron_gppo.checkpoint.live import export_hf
     from megatron_gppo.config import to_dict
     from megatron_gppo.driver import setup_policy
     from megatron_gppo.metrics import MetricsLogger
-    from megatron_gppo.rollout.weight_sync import save_safetensors_atomic
 
     # A warm-up is short and writes only its HF export: it always starts from model.hf_path.
     policy, arch, _, _ = setup_policy(config, resume=False)
@@ -73,17 +72,12 @@ def run(config: RunConfig) -> Path:
         mine = [examples[i] for i in indices][shard_rows(len(indices), rank=dp_rank, world=dp_size)]
         result = policy.forward_backward_step(sft_batch(mine, pad_id=pad_id), loss_name="sft",
                                               micro_batch_size=config.train.micro_batch_size)
-        if metrics is not None and (step % log_every == 0 or step == config.train.max_steps):
+        if metrics is not None and (step == 1 or step % log_every == 0 or step == config.train.max_steps):
             metrics.log(step, {"sft_loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr})
 
-    hf_dir = Path(config.train.output_dir) / "hf"
-    tensors = iter_hf_tensors(policy.chunks, arch=arch, all_stages=True)
+    hf_dir = export_hf(policy.chunks, arch=arch, output_dir=Path(config.train.output_dir) / "hf",
+                       copy_files_from=config.model.hf_path)
     if is_driver:
-        save_safetensors_atomic(tensors, hf_dir, copy_files_from=config.model.hf_path)
         metrics.close()
         logger.info("SFT model written to %s", hf_dir)
-    else:
-        for _ in tensors:
-            pass
-    dist.barrier()
     return hf_dir

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -147,7 +148,11 @@ def run(config: RunConfig) -> None:
             metrics["step_time_s"] = time.monotonic() - step_started
             if driver is not None:
                 driver.finish_step(step, metrics)
-            if step == config.train.max_steps or (config.checkpoint.save_every and step % config.checkpoint.save_every == 0):
+            last = step == config.train.max_steps
+            if last and config.train.export_hf:
+                # Before the final checkpoint: a run stopped in between redoes its last steps and this export.
+                export_policy(policy, arch=arch, config=config)
+            if last or (config.checkpoint.save_every and step % config.checkpoint.save_every == 0):
                 save(policy, driver, config=config, step=step)
                 saved_step = step
             step_time_s = time.monotonic() - step_started
@@ -166,6 +171,16 @@ def sync_weights(policy: Policy, driver: Driver | None, *, arch: ModelArch, vers
     else:
         for _ in tensors:  # take part in the gathers; only rank 0 sends
             pass
+
+
+def export_policy(policy: Policy, *, arch: ModelArch, config: RunConfig) -> None:
+    """The trained policy as a Hugging Face model in `train.output_dir/hf` (collective over the job)."""
+    from megatron_gppo.checkpoint.live import export_hf
+
+    hf_dir = export_hf(policy.chunks, arch=arch, output_dir=Path(config.train.output_dir) / "hf",
+                       copy_files_from=config.model.hf_path)
+    logger.info("policy written as a Hugging Face model to %s (try: megatron-gppo serve --model-path %s)",
+                hf_dir, hf_dir)
 
 
 def save(policy: Policy, driver: Driver | None, *, config: RunConfig, step: int) -> None:

@@ -17,9 +17,11 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
+
+from megatron_gppo.atomic import atomic_directory
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -213,5 +215,25 @@ class ShardedSafetensorsWriter:
         return names
 
 
+def save_safetensors_atomic(named_tensors: Iterable[tuple[str, torch.Tensor]], output_dir: str | Path, *,
+                            shard_bytes: int = 4 * 1024 ** 3, copy_files_from: str | Path | None = None) -> Path:
+    """Write tensors as a Hugging Face safetensors checkpoint, all or nothing.
+
+    Shards and `model.safetensors.index.json`, plus the `config.json` /
+    tokenizer files of `copy_files_from`, go to a temporary directory that is
+    renamed to `output_dir` at the end (replacing it), so a reader never sees
+    a partial dump.
+    """
+    with atomic_directory(output_dir) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=shard_bytes)
+        for name, tensor in named_tensors:
+            writer.add(name, tensor.detach().to("cpu"))
+        if not writer.finish():
+            raise ValueError("no tensors to save")
+        if copy_files_from is not None:
+            copy_side_files(copy_files_from, tmp)
+    return Path(output_dir)
+
+
 __all__ = ["HFWeights", "INDEX_FILE", "SIDE_FILES", "ShardedSafetensorsWriter", "copy_side_files", "parse_size",
-           "read_config"]
+           "read_config", "save_safetensors_atomic"]

@@ -10,7 +10,8 @@ optimizer keeps fp32 main weights, call `optimizer.reload_model_params()`
 after it.
 
 `iter_hf_tensors(chunks, arch=...)` yields `(hf_name, tensor)` pairs for weight
-sync (see its docstring for the collective contract).
+sync (see its docstring for the collective contract); `export_hf` writes them as
+a Hugging Face model directory.
 """
 
 from __future__ import annotations
@@ -173,7 +174,27 @@ def iter_hf_tensors(
             yield name, tensor
 
 
+def export_hf(chunks: list[torch.nn.Module], *, arch: ModelArch, output_dir: str | Path,
+              copy_files_from: str | Path) -> Path:
+    """Write the model as a Hugging Face checkpoint to `output_dir`, all or nothing.
+
+    Collective over the whole job (see `iter_hf_tensors`); global rank 0
+    writes the safetensors and the config / tokenizer files of
+    `copy_files_from`, an HF directory of the same architecture.
+    """
+    from megatron_gppo.checkpoint.hf_io import save_safetensors_atomic
+
+    tensors = iter_hf_tensors(chunks, arch=arch, all_stages=True)
+    if dist.get_rank() == 0:
+        save_safetensors_atomic(tensors, output_dir, copy_files_from=copy_files_from)
+    else:
+        for _ in tensors:  # take part in the gathers
+            pass
+    dist.barrier()
+    return Path(output_dir)
+
+
 __all__ = [
-    "enable_checkpoint_cpu_compat", "full_megatron_name", "iter_hf_tensors", "load_megatron_weights",
+    "enable_checkpoint_cpu_compat", "export_hf", "full_megatron_name", "iter_hf_tensors", "load_megatron_weights",
     "model_sharded_state_dict", "stored_keys",
 ]

@@ -108,6 +108,12 @@ def find_latest(run_dir: str | os.PathLike) -> Path | None:
     return complete[-1] if complete else None
 
 
+def latest_step(run_dir: str | os.PathLike) -> int | None:
+    """The step of the latest complete checkpoint of a run, or None when it has none."""
+    latest = find_latest(run_dir)
+    return None if latest is None else int(_STEP_DIR.match(latest.name).group(1))
+
+
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     """A megatron checkpoint directory from itself, a run directory or its `checkpoints/` directory."""
     path = Path(path)
@@ -378,7 +384,7 @@ def resume(
 
 
 __all__ = [
-    "CHECKPOINTS_DIR", "LATEST_FILE", "STATE_FILE", "TrainingState", "checkpoints_root", "find_latest",
+    "CHECKPOINTS_DIR", "LATEST_FILE", "STATE_FILE", "TrainingState", "checkpoints_root", "find_latest", "latest_step",
     "list_checkpoints", "load_training_checkpoint", "resolve_checkpoint_dir", "resume", "save_training_checkpoint",
     "step_dir_name",
 ]

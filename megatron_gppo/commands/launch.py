@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from megatron_gppo.logs import process_rank, route_library_warnings
+
 logger = logging.getLogger(__name__)
 
 # Each run command's job: a module whose `run(config)` every process calls.
@@ -48,6 +50,14 @@ def check_paths(config) -> None:
             raise FileNotFoundError(f"config key '{key}': {path} does not exist")
 
 
+def finished_step(config) -> int | None:
+    """The last step of a `train` run that has nothing left to do (its checkpoint is at max_steps), else None."""
+    from megatron_gppo.checkpoint.training import latest_step
+
+    step = latest_step(config.train.output_dir) if config.checkpoint.resume else None
+    return step if step is not None and step >= config.train.max_steps else None
+
+
 def run(args: argparse.Namespace) -> int:
     """Load and check the config, validate the layout, then run the command's job in every process."""
     from megatron_gppo.config import load_config
@@ -56,6 +66,14 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     check_paths(config)
+    output_dir = Path(config.train.output_dir)
+    rank = process_rank()
+    route_library_warnings(verbose=args.verbose,
+                           log_file=output_dir / "logs" / (f"warnings-rank{rank}.log" if rank else "warnings.log"))
+    if args.command == "train" and (step := finished_step(config)) is not None:
+        logger.info("%s is complete (its checkpoint is at step %d, train.max_steps=%d): nothing to train; raise "
+                    "train.max_steps to go on", output_dir, step, config.train.max_steps)
+        return 0
     arch = ModelArch.from_hf_config(config.model.hf_path)
     if not launched_by_launcher():
         parallel = config.parallel
@@ -64,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
         validate_layout(ParallelDims.from_config(parallel, world_size=num_processes), arch)
         if num_processes > 1:
             torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        f"--nproc-per-node={num_processes}", "-m", "megatron_gppo.cli", args.command,
-                        args.config, *args.overrides]
+                        f"--nproc-per-node={num_processes}", "-m", "megatron_gppo.cli",
+                        *(["--verbose"] if args.verbose else []), args.command, args.config, *args.overrides]
             logger.info("starting %d local processes: %s", num_processes, " ".join(torchrun[1:]))
             return subprocess.call(torchrun)
     # SIGTERM (scancel, torchrun stopping its workers, kill) unwinds like Ctrl-C does, so

@@ -68,8 +68,9 @@ class LocalServers:
         try:
             for i in range(self.num_servers):
                 log_path = self.log_dir / f"server-{i}.log"
-                command = [sys.executable, "-m", "megatron_gppo.cli", "serve", "--model-path", self.model_path,
-                           "--host", "127.0.0.1", "--port", "0", "--dtype", self.dtype,
+                # --verbose: a server's log file is the place for its libraries' warnings.
+                command = [sys.executable, "-m", "megatron_gppo.cli", "--verbose", "serve",
+                           "--model-path", self.model_path, "--host", "127.0.0.1", "--port", "0", "--dtype", self.dtype,
                            "--num-threads", str(self.num_threads), "--random-seed", str(i), *self.extra_args]
                 if self.api_key:
                     command += ["--api-key", self.api_key]

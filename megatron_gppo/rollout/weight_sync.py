@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Iterator, Protocol, TypeVar
 
 import torch
 
-from megatron_gppo.atomic import atomic_directory
+from megatron_gppo.checkpoint.hf_io import save_safetensors_atomic
 from megatron_gppo.ports import free_port
 from megatron_gppo.rollout.client import RolloutError, SGLangClient, wait_each
 from megatron_gppo.rollout.sglang_requests import (DestroyWeightsUpdateGroupReqInput,
@@ -220,28 +220,6 @@ class DistributedWeightSync:
             self.group = None
 
 
-def save_safetensors_atomic(named_tensors: NamedTensors, output_dir: str | Path, *,
-                            shard_bytes: int = 4 * 1024 ** 3, copy_files_from: str | Path | None = None) -> Path:
-    """Write tensors as a Hugging Face safetensors checkpoint, all or nothing.
-
-    Shards and `model.safetensors.index.json`, plus the `config.json` /
-    tokenizer files of `copy_files_from`, go to a temporary directory that is
-    renamed to `output_dir` at the end (replacing it), so a reader never sees
-    a partial dump.
-    """
-    from megatron_gppo.checkpoint.hf_io import ShardedSafetensorsWriter, copy_side_files
-
-    with atomic_directory(output_dir) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=shard_bytes)
-        for name, tensor in named_tensors:
-            writer.add(name, tensor.detach().to("cpu"))
-        if not writer.finish():
-            raise ValueError("no tensors to save")
-        if copy_files_from is not None:
-            copy_side_files(copy_files_from, tmp)
-    return Path(output_dir)
-
-
 class DiskWeightSync:
     """Dump to `output_dir/weights-<version>`, then every server reloads from there."""
 
@@ -334,4 +312,4 @@ class TensorWeightSync:
 
 
 __all__ = ["DiskWeightSync", "DistributedWeightSync", "SyncStats", "TensorWeightSync", "WeightSync",
-           "WeightSyncError", "iter_buckets", "save_safetensors_atomic", "serialize_named_tensors"]
+           "WeightSyncError", "iter_buckets", "serialize_named_tensors"]

@@ -46,10 +46,17 @@ def test_tensor_parallel_run_writes_metrics_checkpoints_and_plots(assets, tmp_pa
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert checkpoints == ["latest", "step_00000002"]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
-    for name in ("reward", "entropy", "clip_fractions", "eval"):
+    for name in ("reward", "entropy", "clip_fractions", "eval", "summary"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 1000
     saved = json.loads(json.dumps(__import__("yaml").safe_load((out / "config.yaml").read_text())))
     assert saved["parallel"]["tensor_parallel"] == 2
+
+    # The run ends with a Hugging Face export of the policy: transformers loads it, and its logits are
+    # those of the final Megatron checkpoint (verify_conversion runs both on the same tokens).
+    verify = subprocess.run([sys.executable, "tools/verify_conversion.py", "--hf-dir", str(out / "hf"),
+                             "--megatron-dir", str(out)], capture_output=True, text=True, timeout=600)
+    assert verify.returncode == 0, verify.stdout + verify.stderr[-3000:]
+    assert json.loads(verify.stdout)["max_abs_logit_diff"] <= 1e-4
 
 
 def _wait_for_checkpoint(out, step, process, timeout_s=600):
@@ -108,6 +115,9 @@ def test_every_registered_loss_runs_by_changing_one_key(assets, tmp_path, loss):
     (record,) = read_metrics(out / "metrics.jsonl")
     assert CONTRACT_KEYS <= record.keys() and record["num_updates"] == 2
     assert (out / "config.yaml").read_text().count(f"loss: {loss}") == 1
+    # The terminal shows our lines only; other packages' warnings went to the run's log.
+    assert "Warning" not in result.stdout + result.stderr, result.stdout + result.stderr
+    assert "Transformer Engine and Apex are not installed" in (out / "logs" / "warnings.log").read_text()
 
 
 def test_stop_file_and_deadline_checkpoint_at_a_step_boundary_and_exit_zero(assets, tmp_path):
@@ -141,6 +151,16 @@ def test_stop_file_and_deadline_checkpoint_at_a_step_boundary_and_exit_zero(asse
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, stopped_at + 2))
+
+    # Again on the finished run: one line says so; nothing is trained, logged or opened (wandb included).
+    metrics = (out / "metrics.jsonl").read_bytes()
+    again = subprocess.run(train_command(assets, out, *overrides, f"train.max_steps={stopped_at + 1}",
+                                         "logging.wandb_mode=offline"), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.splitlines() == [
+        f"{out} is complete (its checkpoint is at step {stopped_at + 1}, train.max_steps={stopped_at + 1}): nothing "
+        "to train; raise train.max_steps to go on"]
+    assert (out / "metrics.jsonl").read_bytes() == metrics and not (out / "wandb").exists()
 
 
 def test_colocated_servers_release_memory_while_the_trainer_updates(assets, tmp_path):
@@ -182,3 +202,14 @@ def test_sigterm_stops_the_run_and_the_servers_it_started(assets, tmp_path):
             continue
         # Exited but not yet reaped by init is fine; anything else was left running.
         assert Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z", f"child {pid} outlived the run"
+
+
+def test_a_closed_stdout_ends_no_run_with_a_traceback(assets, tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(train_command(assets, out, "train.max_steps=1", "checkpoint.save_every=0",
+                                             "data.eval_path="), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # `megatron-gppo train ... | head -0`
+    _, stderr = process.communicate(timeout=900)
+    assert b"Traceback" not in stderr and b"Exception ignored" not in stderr, stderr[-3000:]
+    assert process.returncode == 141  # 128 + SIGPIPE, as git answers a closed pipe
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]  # the run itself went on to the end

@@ -83,3 +83,14 @@ def test_validation_errors_reach_the_user_as_one_line_with_exit_code_2(tmp_path,
     result = run_cli("config", path, override)
     assert result.returncode == 2
     assert result.stderr == f"megatron-gppo config: error: {expected}\n"
+
+
+@pytest.mark.parametrize("args", [["config", "--reference"], ["config"], ["--help"], ["serve", "--help"],
+                                  ["train", "--help"]])
+def test_output_survives_a_closed_pipe(args):
+    process = subprocess.Popen([sys.executable, "-m", "megatron_gppo.cli", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # the reader is gone before the first line, as after `| head -0`
+    _, stderr = process.communicate(timeout=120)
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    assert process.returncode in (0, 141), stderr

@@ -34,13 +34,21 @@ def test_summary_table_reports_first_last_best(tmp_path):
     reward_row = next(line for line in table.splitlines() if line.startswith("reward_mean"))
     assert "0.1 (step 1)" in reward_row and "0.3 (step 3)" in reward_row
     assert "eval_accuracy" in table
+    # Every row has a best, or says there is none, and the table says which is which.
+    entropy_row = next(line for line in table.splitlines() if line.startswith("entropy"))
+    assert reward_row.split()[-1] == "0.3" and entropy_row.split()[-1] == "-"
+    assert table.splitlines()[-1].startswith("best: the highest reward")
 
 
 def test_plots_are_written_for_panels_with_data(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, **fake_step(s)}) + "\n" for s in (1, 2, 3)))
     written = {p.name for p in write_run_plots(tmp_path)}
-    assert written == {"reward.png", "entropy.png", "clip_fractions.png", "betas.png", "response_length.png"}
+    # Constant betas (a constant schedule) are not worth a plot of two flat lines.
+    assert written == {"reward.png", "entropy.png", "clip_fractions.png", "response_length.png", "summary.png"}
     for path in (tmp_path / "plots").iterdir():
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    switched = [{"step": s, **fake_step(s), "beta1": 0.0 if s < 3 else 0.5} for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in switched))
+    assert "betas.png" in {p.name for p in write_run_plots(tmp_path)}
     out = compare_runs({"a": tmp_path, "b": tmp_path}, key="entropy", output=tmp_path / "cmp.png")
     assert out.stat().st_size > 1000

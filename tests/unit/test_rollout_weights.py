@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from megatron_gppo.rollout.weight_loader import deserialize_named_tensors, load_named_tensors, read_safetensors_dir
-from megatron_gppo.rollout.weight_sync import iter_buckets, save_safetensors_atomic, serialize_named_tensors
+from megatron_gppo.checkpoint.hf_io import save_safetensors_atomic
+from megatron_gppo.rollout.weight_sync import iter_buckets, serialize_named_tensors
 
 
 def named(*sizes):
