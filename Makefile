@@ -19,14 +19,14 @@ UPSTREAM := .cache/upstream
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(if $(TORCH_SPEC),$(BIN)/pip install --quiet "$(TORCH_SPEC)")
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(if $(TORCH_SPEC),$(BIN)/pip install --quiet --quiet "$(TORCH_SPEC)")
+	$(BIN)/pip install --quiet --quiet -e '.[test]'
 	touch $@
 
 install: $(BIN)/.installed
 
 $(UPSTREAM)/.sglang-$(SGLANG_REFERENCE): | $(BIN)/.installed
-	$(BIN)/pip download --quiet --no-deps --dest $(UPSTREAM) "sglang==$(SGLANG_REFERENCE)"
+	$(BIN)/pip download --quiet --quiet --no-deps --dest $(UPSTREAM) "sglang==$(SGLANG_REFERENCE)"
 	touch $@
 
 upstream: $(UPSTREAM)/.sglang-$(SGLANG_REFERENCE)
