@@ -48,6 +48,9 @@ def main() -> None:
         write_jsonl(train, data / "train.jsonl")
         write_jsonl(held_out, data / "eval.jsonl")
     if not (run / "init_hf" / "config.json").exists():
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # a bar for one tiny shard says nothing
         save_tiny_model(run / "init_hf", seed=0)
 
     sft_hf = run / "sft" / "hf"
