@@ -35,17 +35,22 @@ class PolicyBatch:
     rollout_log_probs: torch.Tensor | None = None
     """float log-probs reported by the rollout engine, for truncated importance sampling (optional)."""
 
+    segment_ids: torch.Tensor | None = None
+    """int64, packed rows only (see packing.py): 1, 2, ... for the samples of a row in order, 0 for padding.
+    None: one sample per row, right-padded."""
+
     def __post_init__(self) -> None:
         shape = tuple(self.tokens.shape)
         if len(shape) != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {shape}")
-        for name, value in self._tensors().items():
+        for name, value in self.tensors().items():
             if tuple(value.shape) != shape:
                 raise ValueError(f"{name} must have the shape of tokens {shape}, got {tuple(value.shape)}")
         if bool(self.loss_mask[:, 0].any()):
             raise ValueError("loss_mask[:, 0] must be False: the first token has no prediction")
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The `[B, T]` tensors that are set, by field name."""
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
     @property
@@ -54,10 +59,10 @@ class PolicyBatch:
 
     def rows(self, index: slice | torch.Tensor) -> PolicyBatch:
         """The rows at `index` (a slice, or a tensor of row numbers)."""
-        return replace(self, **{name: value[index] for name, value in self._tensors().items()})
+        return replace(self, **{name: value[index] for name, value in self.tensors().items()})
 
     def to(self, device: torch.device) -> PolicyBatch:
-        return replace(self, **{name: value.to(device) for name, value in self._tensors().items()})
+        return replace(self, **{name: value.to(device) for name, value in self.tensors().items()})
 
     def padded(self, *, num_rows: int, seq_len: int) -> PolicyBatch:
         """Right-pad to `[num_rows, seq_len]`; the added rows and columns are masked out."""
@@ -65,10 +70,10 @@ class PolicyBatch:
         if (rows, cols) == (num_rows, seq_len):
             return self
         return replace(self, **{name: torch.nn.functional.pad(value, (0, seq_len - cols, 0, num_rows - rows))
-                                for name, value in self._tensors().items()})
+                                for name, value in self.tensors().items()})
 
 
-def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *, pad_id: int) -> PolicyBatch:
+def pad_rows(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *, pad_id: int) -> PolicyBatch:
     """Prompt + response rows, right-padded with `pad_id`; the response tokens are the loss mask."""
     assert prompts and len(prompts) == len(responses), "pack needs one response per prompt"
     max_len = max(len(p) + len(r) for p, r in zip(prompts, responses))
@@ -84,7 +89,7 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *
 def pack_samples(samples: list[Sample], *, pad_id: int) -> PolicyBatch:
     """Samples whose `advantage` is set, with their advantages and rollout log-probs."""
     assert all(s.advantage is not None for s in samples), "compute advantages before packing"
-    batch = pack([s.prompt_ids for s in samples], [s.response_ids for s in samples], pad_id=pad_id)
+    batch = pad_rows([s.prompt_ids for s in samples], [s.response_ids for s in samples], pad_id=pad_id)
     advantages = token_advantages(torch.tensor([s.advantage for s in samples], dtype=torch.float32),
                                   loss_mask=batch.loss_mask)
     # The mask's True entries, row by row, are the samples' response tokens in order.
@@ -106,4 +111,4 @@ def minibatch_slices(num_rows: int, num_minibatches: int) -> list[slice]:
     return [shard_rows(num_rows, rank=i, world=num) for i in range(num)]
 
 
-__all__ = ["PolicyBatch", "minibatch_slices", "pack", "pack_samples", "shard_rows"]
+__all__ = ["PolicyBatch", "minibatch_slices", "pack_samples", "pad_rows", "shard_rows"]

@@ -322,7 +322,13 @@ class TrainConfig(Section):
     """Passes over each rollout batch."""
 
     micro_batch_size: int = Field(8, ge=1)
-    """Sequences per forward/backward micro-batch."""
+    """Rows per forward/backward micro-batch. A row holds one sample padded to the step's longest, or, packed, as many samples as fit in that length."""
+
+    pack_sequences: bool = True
+    """Pack several samples end to end into each row, attention kept within each sample: exactly the loss and gradients of padding every sample to the longest, without computing on the padding."""
+
+    max_tokens_per_micro_batch: int | None = Field(None, ge=1)
+    """Packed micro-batch size in tokens (replaces micro_batch_size): as many rows of the step's longest sample as fit. null: micro_batch_size rows."""
 
     lr: float = Field(1e-6, gt=0)
     """Peak learning rate (the paper uses 1e-6)."""
@@ -379,6 +385,9 @@ class TrainConfig(Section):
     def _check(self) -> TrainConfig:
         if self.min_lr > self.lr:
             raise ConfigError("min_lr", f"got {self.min_lr!r}, expected a number in [0, lr={self.lr}]")
+        if self.max_tokens_per_micro_batch is not None and not self.pack_sequences:
+            raise ConfigError("max_tokens_per_micro_batch", "is a packed micro-batch size, but pack_sequences is false; "
+                              "set pack_sequences: true or use micro_batch_size")
         return self
 
 
@@ -437,6 +446,16 @@ class RunConfig(Section):
 
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     """Metrics, wandb, progress and plots."""
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        longest = self.data.max_prompt_tokens + self.rollout.max_new_tokens
+        budget = self.train.max_tokens_per_micro_batch
+        if budget is not None and budget < longest:
+            raise ConfigError("train.max_tokens_per_micro_batch",
+                              f"got {budget}, but a rollout can be {longest} tokens long (data.max_prompt_tokens + "
+                              f"rollout.max_new_tokens); raise it to at least {longest}")
+        return self
 
 
 # ----------------------------------------------------------------------------

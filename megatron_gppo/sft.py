@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_gppo.batching import PolicyBatch, pack
+from megatron_gppo.batching import PolicyBatch, pad_rows
 from megatron_gppo.config import RunConfig
 from megatron_gppo.data import PromptSampler, encode_prompt, load_records, pad_token_id
 
@@ -40,20 +40,20 @@ def sft_examples(config: RunConfig, tokenizer) -> list[tuple[list[int], list[int
 
 def sft_batch(examples: list[tuple[list[int], list[int]]], *, pad_id: int) -> PolicyBatch:
     """The examples as a policy batch; the `sft` loss reads no advantages or old log-probs, so they are 0."""
-    batch = pack([prompt for prompt, _ in examples], [response for _, response in examples], pad_id=pad_id)
+    batch = pad_rows([prompt for prompt, _ in examples], [response for _, response in examples], pad_id=pad_id)
     zeros = torch.zeros(batch.tokens.shape, dtype=torch.float32)
     return replace(batch, advantages=zeros, old_log_probs=zeros)
 
 
 def run(config: RunConfig) -> Path:
     """Train, then write the HF model; returns its directory (`train.output_dir/hf`)."""
-    from megatron.core import parallel_state
     from transformers import AutoTokenizer
 
-    from megatron_gppo.batching import shard_rows
     from megatron_gppo.checkpoint.live import export_hf
     from megatron_gppo.config import to_dict
     from megatron_gppo.driver import setup_policy
+    from megatron_gppo.packing import rank_batch
+    from megatron_gppo.trainer import rank_layout
     from megatron_gppo.metrics import MetricsLogger
 
     # A warm-up is short and writes only its HF export: it always starts from model.hf_path.
@@ -62,16 +62,15 @@ def run(config: RunConfig) -> Path:
     pad_id = pad_token_id(tokenizer)
     examples = sft_examples(config, tokenizer)
     sampler = PromptSampler(len(examples), seed=config.train.seed, shuffle=config.data.shuffle)
-    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     is_driver = dist.get_rank() == 0
     metrics = (MetricsLogger(run_dir=config.train.output_dir, config=config.logging, run_config=to_dict(config),
                              max_steps=config.train.max_steps) if is_driver else None)
     log_every = max(1, config.train.max_steps // 20)
     for step in range(1, config.train.max_steps + 1):
         indices = sampler.next_indices(config.train.prompts_per_step)
-        mine = [examples[i] for i in indices][shard_rows(len(indices), rank=dp_rank, world=dp_size)]
-        result = policy.forward_backward_step(sft_batch(mine, pad_id=pad_id), loss_name="sft",
-                                              micro_batch_size=config.train.micro_batch_size)
+        mine = rank_batch(sft_batch([examples[i] for i in indices], pad_id=pad_id), num_minibatches=1,
+                          **rank_layout(policy, config))
+        result = policy.forward_backward_step(mine.batch, loss_name="sft", micro_batch_size=mine.rows_per_micro_batch)
         if metrics is not None and (step == 1 or step % log_every == 0 or step == config.train.max_steps):
             metrics.log(step, {"sft_loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr})
 

@@ -23,11 +23,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_gppo.algorithm import combine_metrics, loss_kwargs
-from megatron_gppo.batching import PolicyBatch, minibatch_slices, shard_rows
+from megatron_gppo.batching import PolicyBatch
 from megatron_gppo.config import RunConfig
 from megatron_gppo.driver import Driver, RolloutBatch, setup_policy
 from megatron_gppo.model.arch import ModelArch
 from megatron_gppo.model.policy import Policy
+from megatron_gppo.packing import rank_batch
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +41,16 @@ def loss_hparams(config: RunConfig, *, beta1: float, beta2: float) -> dict:
                        dual_clip_c=alg.dual_clip_c, beta1=beta1, beta2=beta2)
 
 
-def _rank_rows(num_rows: int, *, num_minibatches: int, dp_rank: int, dp_size: int) -> tuple[list[int], list[slice]]:
-    """This DP rank's rows of every minibatch, and where each minibatch sits in that list."""
-    rows, segments = [], []
-    for minibatch in minibatch_slices(num_rows, num_minibatches):
-        shard = shard_rows(minibatch.stop - minibatch.start, rank=dp_rank, world=dp_size)
-        segments.append(slice(len(rows), len(rows) + shard.stop - shard.start))
-        rows += range(minibatch.start + shard.start, minibatch.start + shard.stop)
-    return rows, segments
+def rank_layout(policy: Policy, config: RunConfig) -> dict:
+    """`rank_batch`'s keyword arguments for this rank (all but num_minibatches)."""
+    from megatron.core import parallel_state
+
+    train = config.train
+    return {"dp_rank": parallel_state.get_data_parallel_rank(), "dp_size": policy.dims.dp,
+            "micro_batch_size": train.micro_batch_size, "pack": train.pack_sequences,
+            "max_tokens_per_micro_batch": train.max_tokens_per_micro_batch,
+            # Sequence parallelism splits every row's tokens over the TP ranks.
+            "seq_multiple": policy.dims.tp if policy.dims.sequence_parallel else 1}
 
 
 def _sum_over_dp(values: list[float], policy: Policy) -> list[float]:
@@ -76,14 +79,10 @@ def masked_mean_over_dp(values: torch.Tensor, mask: torch.Tensor, policy: Policy
 
 def train_on_batch(policy: Policy, rollouts: RolloutBatch, *, config: RunConfig) -> dict[str, float]:
     """Old log-prob recompute, then `num_epochs` x `num_minibatches` optimizer steps; returns metrics."""
-    from megatron.core import parallel_state
 
-    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    rows, segments = _rank_rows(rollouts.batch.num_rows, num_minibatches=config.train.num_minibatches,
-                                dp_rank=dp_rank, dp_size=dp_size)
-    batch = rollouts.batch.rows(torch.tensor(rows, dtype=torch.long))
+    mine = rank_batch(rollouts.batch, num_minibatches=config.train.num_minibatches, **rank_layout(policy, config))
+    batch, micro_batch_size = mine.batch, mine.rows_per_micro_batch
     temperature = config.rollout.temperature
-    micro_batch_size = config.train.micro_batch_size
 
     old_log_probs, entropy = policy.compute_log_probs(batch, temperature=temperature, micro_batch_size=micro_batch_size)
     # What the sampling policy was like, measured on its own samples before the update.
@@ -93,10 +92,10 @@ def train_on_batch(policy: Policy, rollouts: RolloutBatch, *, config: RunConfig)
     batch = replace(batch, old_log_probs=old_log_probs.cpu(),
                     rollout_log_probs=batch.rollout_log_probs if config.algorithm.tis_cap is not None else None)
     hparams = loss_hparams(config, beta1=rollouts.beta1, beta2=rollouts.beta2)
-    updates = [policy.forward_backward_step(batch.rows(segment), loss_name=config.algorithm.loss,
+    updates = [policy.forward_backward_step(batch.rows(minibatch), loss_name=config.algorithm.loss,
                                             loss_hparams=hparams, temperature=temperature,
                                             micro_batch_size=micro_batch_size)
-               for _ in range(config.train.num_epochs) for segment in segments]
+               for _ in range(config.train.num_epochs) for minibatch in mine.minibatches]
     return {
         **combine_metrics(result.metrics for result in updates),
         # After the loss's metrics: with an entropy bonus the loss also reports the entropy it saw

@@ -24,6 +24,18 @@ prints one JSON object:
 `--peak-tflops` is the per-device peak; by default a table entry for known
 GPUs (bf16 dense) and, on CPU, the fp32 matmul throughput measured on this
 process's threads just before the run.
+
+`--lengths lognormal` draws each response's length from a lognormal with
+mean `--mean-response-len` (sigma 1) clipped to [1, `--max-response-len`],
+after a `--prompt-len`-token prompt, and times the same samples padded (one
+per row, padded to the longest) and packed (train.pack_sequences; rows of
+the longest sample, `--micro-batch-size` rows per micro-batch: the padded
+micro-batch's shape) in one run. Each layout reports its step time, useful
+(non-padding) tokens/s, padding fraction and peak memory (CUDA allocator
+peak, or peak RSS on CPU, above the memory in use before its steps), and
+the report their ratios:
+
+    python tools/bench_train_step.py --lengths lognormal --num-layers 2 --batch-size 32
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -60,7 +73,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     layout.add_argument("--sequence-parallel", action="store_true")
     layout.add_argument("--distributed-optimizer", action="store_true")
     run = parser.add_argument_group("run")
-    run.add_argument("--seq-len", type=int, default=256)
+    run.add_argument("--seq-len", type=int, default=256, help="tokens per sequence with --lengths fixed")
+    run.add_argument("--lengths", choices=["fixed", "lognormal"], default="fixed",
+                     help="fixed: --seq-len tokens, second half scored; lognormal: padded vs packed (see above)")
+    run.add_argument("--prompt-len", type=int, default=64)
+    run.add_argument("--mean-response-len", type=int, default=256)
+    run.add_argument("--max-response-len", type=int, default=2048)
     run.add_argument("--batch-size", type=int, default=8, help="sequences per step per data-parallel rank")
     run.add_argument("--micro-batch-size", type=int, default=2)
     run.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
@@ -137,6 +155,100 @@ def synthetic_batch(args, vocab_size: int, *, seed: int):
     return PolicyBatch(tokens=tokens, loss_mask=loss_mask, advantages=advantages)
 
 
+def lognormal_batch(args, vocab_size: int, *, seed: int):
+    """`--batch-size` samples: a `--prompt-len` prompt and a lognormal response each, one per row."""
+    import math
+
+    from megatron_gppo.batching import pad_rows
+
+    gen = torch.Generator().manual_seed(seed)
+    sigma = 1.0
+    mu = math.log(args.mean_response_len) - sigma**2 / 2  # the lognormal's mean is exp(mu + sigma^2 / 2)
+    lengths = torch.exp(mu + sigma * torch.randn(args.batch_size, generator=gen)).round().clamp(1, args.max_response_len)
+    prompts = [torch.randint(0, vocab_size, (args.prompt_len,), generator=gen).tolist() for _ in lengths]
+    responses = [torch.randint(0, vocab_size, (int(n),), generator=gen).tolist() for n in lengths]
+    batch = pad_rows(prompts, responses, pad_id=0)
+    advantages = torch.randn(args.batch_size, 1, generator=gen).expand(batch.tokens.shape) * batch.loss_mask
+    return replace(batch, advantages=advantages.contiguous())
+
+
+def measure(policy, batch, *, micro_batch_size: int, args, sync, baseline: int | None = None) -> dict:
+    """Log-prob recompute and train-step times and the peak memory of `batch` in its layout.
+
+    The peak is above `baseline` (default: the memory in use now).
+    """
+    from megatron_gppo.model import peak_memory
+
+    baseline = peak_memory.current_bytes() if baseline is None else baseline
+    peak_memory.reset_peak()
+    logprob_times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        old_log_probs, _ = policy.compute_log_probs(batch, micro_batch_size=micro_batch_size)
+        sync()
+        logprob_times.append(time.perf_counter() - start)
+    batch = replace(batch, old_log_probs=old_log_probs)
+    step_times = []
+    for step in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        result = policy.forward_backward_step(batch, loss_name="ce_gppo", micro_batch_size=micro_batch_size)
+        sync()
+        if step >= args.warmup:
+            step_times.append(time.perf_counter() - start)
+    peak = peak_memory.peak_bytes() - baseline
+    return {"step_times": step_times, "logprob_time": min(logprob_times), "computed_tokens": batch.tokens.numel(),
+            "peak_memory_bytes": peak, "result": result,
+            "scored_fraction": batch.loss_mask.float().mean().item(),
+            "rows": batch.num_rows, "row_len": batch.tokens.shape[1], "micro_batch_size": micro_batch_size}
+
+
+def compare_layouts(policy, batch, *, args, sync) -> dict:
+    """The same samples padded and packed (lognormal lengths): per-layout figures and their ratios."""
+    from megatron_gppo.model import peak_memory
+    from megatron_gppo.packing import rank_batch, sample_lengths
+
+    lengths = sample_lengths(batch)
+    useful = sum(lengths)
+    report = {"lengths": {"distribution": f"prompt {args.prompt_len} + lognormal response (sigma 1)",
+                          "mean_response_len": args.mean_response_len, "max_response_len": args.max_response_len,
+                          "measured_mean_len": round(useful / len(lengths), 1), "measured_max_len": max(lengths),
+                          "samples_per_dp_rank": len(lengths)}}
+    layouts = {name: rank_batch(batch, num_minibatches=1, dp_rank=0, dp_size=1, micro_batch_size=args.micro_batch_size,
+                                pack=name == "packed", seq_multiple=policy.dims.tp if policy.dims.sequence_parallel else 1)
+               for name in ("padded", "packed")}
+    # One untimed pass of each first: buffers that persist once allocated (megatron's attention-score
+    # buffer, the allocator's) then count for neither layout instead of for whichever runs first.
+    for mine in layouts.values():
+        old_log_probs, _ = policy.compute_log_probs(mine.batch, micro_batch_size=mine.rows_per_micro_batch)
+        policy.forward_backward_step(replace(mine.batch, old_log_probs=old_log_probs), loss_name="ce_gppo",
+                                     micro_batch_size=mine.rows_per_micro_batch)
+    sync()
+    baseline = peak_memory.current_bytes()
+    for name, mine in layouts.items():
+        stats = measure(policy, mine.batch, micro_batch_size=mine.rows_per_micro_batch, args=args, sync=sync,
+                        baseline=baseline)
+        step_time = statistics.mean(stats["step_times"])
+        report[name] = {
+            "rows": stats["rows"], "row_len": stats["row_len"], "rows_per_micro_batch": stats["micro_batch_size"],
+            "padding_fraction": round(1 - useful / stats["computed_tokens"], 4),
+            "step_time_s": round(step_time, 4),
+            "useful_tokens_per_s": round(useful * policy.dims.dp / step_time, 1),
+            "logprob_useful_tokens_per_s": round(useful * policy.dims.dp / stats["logprob_time"], 1),
+            "peak_memory_mib": round(stats["peak_memory_bytes"] / 2**20, 1),
+            "last_loss": stats["result"].loss,
+        }
+    padded, packed = report["padded"], report["packed"]
+    report["packed_vs_padded"] = {
+        "useful_tokens_per_s": round(packed["useful_tokens_per_s"] / padded["useful_tokens_per_s"], 3),
+        "logprob_useful_tokens_per_s": round(packed["logprob_useful_tokens_per_s"]
+                                             / padded["logprob_useful_tokens_per_s"], 3),
+        "peak_memory": round(packed["peak_memory_mib"] / padded["peak_memory_mib"], 3),
+        # The same samples and weights: the loss must agree to float rounding.
+        "loss_abs_diff": abs(packed["last_loss"] - padded["last_loss"]),
+    }
+    return report
+
+
 def bench(args) -> dict | None:
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -144,10 +256,12 @@ def bench(args) -> dict | None:
     from megatron_gppo.config import ModelConfig, ParallelConfig, TrainConfig
     from megatron_gppo.model.arch import ModelArch
     from megatron_gppo.model.parallel import destroy_distributed, init_distributed
-    from megatron_gppo.model.policy import Policy, PolicyBatch
+    from megatron_gppo.model import peak_memory
+    from megatron_gppo.model.policy import Policy
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    peak_memory.release_freed_memory_promptly()  # so that CPU peak RSS follows the live tensors
     arch = ModelArch.from_hf_config(model_config(args))
     dims = init_distributed(
         ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp, virtual_pipeline=args.vpp,
@@ -165,31 +279,7 @@ def bench(args) -> dict | None:
         dist.barrier()
 
     sync()
-    logprob_times = []
-    for _ in range(2):
-        start = time.perf_counter()
-        old_log_probs, _ = policy.compute_log_probs(batch, micro_batch_size=args.micro_batch_size)
-        sync()
-        logprob_times.append(time.perf_counter() - start)
-    batch = PolicyBatch(tokens=batch.tokens, loss_mask=batch.loss_mask, advantages=batch.advantages,
-                        old_log_probs=old_log_probs)
-    step_times = []
-    for step in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        result = policy.forward_backward_step(batch, loss_name="ce_gppo", micro_batch_size=args.micro_batch_size)
-        sync()
-        if step >= args.warmup:
-            step_times.append(time.perf_counter() - start)
-
-    tokens_per_step = args.batch_size * args.seq_len * dims.dp
-    step_time = statistics.mean(step_times)
-    tokens_per_s = tokens_per_step / step_time
-    head_params = arch.vocab_size * arch.hidden_size
-    layer_params = arch.num_params - head_params * (1 if arch.tie_word_embeddings else 2)
-    scored_fraction = batch.loss_mask.float().mean().item()
-    flops_6n = 6 * arch.num_params * tokens_per_s
-    flops_matmul = 6 * (layer_params + head_params * scored_fraction) * tokens_per_s
-    report = {
+    header = {
         "model": {"family": arch.family, "params": arch.num_params, "num_layers": arch.num_layers,
                   "hidden_size": arch.hidden_size, "num_heads": arch.num_attention_heads,
                   "num_kv_heads": arch.num_query_groups, "ffn_hidden_size": arch.ffn_hidden_size,
@@ -198,6 +288,27 @@ def bench(args) -> dict | None:
                    "sequence_parallel": dims.sequence_parallel,
                    "distributed_optimizer": args.distributed_optimizer, "world_size": dims.world_size},
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
+    }
+    if args.lengths == "lognormal":
+        batch = lognormal_batch(args, arch.vocab_size, seed=parallel_state.get_data_parallel_rank())
+        report = {**header, "micro_batch_size": args.micro_batch_size, "timed_steps": args.steps,
+                  **compare_layouts(policy, batch, args=args, sync=sync)}
+        is_rank0 = dist.get_rank() == 0
+        destroy_distributed()
+        return report if is_rank0 else None
+
+    stats = measure(policy, batch, micro_batch_size=args.micro_batch_size, args=args, sync=sync)
+    step_times, result = stats["step_times"], stats["result"]
+    tokens_per_step = args.batch_size * args.seq_len * dims.dp
+    step_time = statistics.mean(step_times)
+    tokens_per_s = tokens_per_step / step_time
+    head_params = arch.vocab_size * arch.hidden_size
+    layer_params = arch.num_params - head_params * (1 if arch.tie_word_embeddings else 2)
+    scored_fraction = stats["scored_fraction"]
+    flops_6n = 6 * arch.num_params * tokens_per_s
+    flops_matmul = 6 * (layer_params + head_params * scored_fraction) * tokens_per_s
+    report = {
+        **header,
         "seq_len": args.seq_len,
         "batch_size_per_dp_rank": args.batch_size,
         "micro_batch_size": args.micro_batch_size,
@@ -205,7 +316,7 @@ def bench(args) -> dict | None:
         "step_time_s": round(step_time, 4),
         "tokens_per_step": tokens_per_step,
         "tokens_per_s": round(tokens_per_s, 1),
-        "logprob_tokens_per_s": round(tokens_per_step / min(logprob_times), 1),
+        "logprob_tokens_per_s": round(tokens_per_step / stats["logprob_time"], 1),
         "achieved_tflops_per_device_6n": round(flops_6n / dims.world_size / 1e12, 4),
         "peak_tflops_per_device": round(peak / 1e12, 4),
         "peak_source": peak_source,

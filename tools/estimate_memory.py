@@ -7,7 +7,8 @@
         --micro-batch-size 1 --seq-length 8192 --recompute selective --distributed-optimizer --dp 4
 
 With `--config` the model is model.hf_path's config.json (or `--hf-config`),
-the layout parallel.*, the micro-batch train.micro_batch_size, the sequence
+the layout parallel.*, the micro-batch train.micro_batch_size (or, packed,
+train.max_tokens_per_micro_batch), the sequence
 data.max_prompt_tokens + rollout.max_new_tokens, and dtype / recompute /
 distributed optimizer come from the config; any flag given overrides it, and
 trailing `section.key=value` arguments override the file like
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     step = parser.add_argument_group("step (default: the config's)")
     step.add_argument("--micro-batch-size", type=int, help="sequences per micro-batch (default 1)")
     step.add_argument("--seq-length", type=int, help="tokens per sequence, prompt + response")
+    step.add_argument("--max-tokens-per-micro-batch", type=int,
+                      help="packed micro-batches of this many tokens (replaces --micro-batch-size)")
     step.add_argument("--num-microbatches", type=int,
                       help="micro-batches per optimizer step per DP rank (bounds the pipeline's in-flight ones);"
                            " 0: enough to fill the pipeline")
@@ -118,6 +121,15 @@ def resolve(args: argparse.Namespace) -> Request:
     seq_length = _pick(args.seq_length, config and config.data.max_prompt_tokens + config.rollout.max_new_tokens)
     if seq_length is None:
         raise ValueError("pass --seq-length (prompt + response tokens) or --config")
+    budget = _pick(args.max_tokens_per_micro_batch, config and config.train.max_tokens_per_micro_batch)
+    if budget is not None:
+        if budget < seq_length:
+            raise ValueError(f"--max-tokens-per-micro-batch={budget} cannot hold a sequence of {seq_length} tokens; "
+                             f"raise it to at least {seq_length}")
+        # Packed rows are as long as the step's longest sample: at the longest possible,
+        # budget // seq_length of them (shorter rows hold more samples, never more tokens).
+        micro_batch_size = budget // seq_length
+        notes.append(f"packed micro-batches of {budget} tokens: at worst {micro_batch_size} rows of {seq_length}")
     num_microbatches = args.num_microbatches
     if num_microbatches is None:
         num_microbatches = _microbatches_per_step(config, dp=dp, micro_batch_size=micro_batch_size) if config else 0

@@ -36,6 +36,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.utils import get_attr_wrapped_model
 
+from megatron_gppo import packing
 from megatron_gppo.algorithm import diagnostics
 from megatron_gppo.algorithm.losses import compute_policy_loss, loss_normalizers
 from megatron_gppo.batching import PolicyBatch
@@ -51,7 +52,7 @@ from megatron_gppo.model.optimizer import (
     zero_grads,
 )
 from megatron_gppo.model.parallel import ParallelDims
-from megatron_gppo.model.provider import PolicyGPTModel, build_model_chunks
+from megatron_gppo.model.provider import PolicyGPTModel, build_model_chunks, has_transformer_engine
 from megatron_gppo.model.unfused_logprobs import unfused_vocab_parallel_log_probs
 from megatron_gppo.model.weights import load_full_state_dict
 
@@ -90,6 +91,8 @@ class Policy:
         self.optimizer = build_optimizer(self.model, train=train, config=self.config)
         self.scheduler = build_scheduler(self.optimizer, train=train)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else _CPU
+        # How packed rows reach attention: THD sequences for Transformer Engine, else a block-diagonal mask.
+        self.packed_thd = has_transformer_engine()
 
     @property
     def chunks(self) -> list[PolicyGPTModel]:
@@ -200,7 +203,8 @@ class Policy:
     # ------------------------------------------------------------------ internals
 
     def _global_normalizers(self, batch: PolicyBatch) -> dict[str, float]:
-        local = loss_normalizers(loss_mask=batch.loss_mask, advantages=batch.advantages)
+        samples = packing.per_sample(batch)
+        local = loss_normalizers(loss_mask=samples.loss_mask, advantages=samples.advantages)
         counts = torch.tensor(list(local.values()), dtype=torch.float64, device=self.device)
         dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
         return dict(zip(local, counts.tolist(), strict=True))
@@ -228,10 +232,9 @@ class Policy:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            positions = torch.arange(mb.tokens.shape[1], device=mb.tokens.device).expand_as(mb.tokens)
-            # attention_mask=None: the layers' causal mask type builds it.
-            # [s, b, h] hidden states ([s/TP, b, h] under sequence parallel).
-            hidden = model(mb.tokens, positions, None)
+            # [s, b, h] hidden states ([s/TP, b, h] under sequence parallel; s = b * T, b = 1 for THD).
+            tokens, positions, attention_mask, packed_seq_params = self._model_inputs(mb)
+            hidden = model(tokens, positions, attention_mask, packed_seq_params=packed_seq_params)
             chunk = get_attr_wrapped_model(model, "output_weight", return_model_obj=True)
             return hidden, partial(loss_func, mb=mb, chunk=chunk)
 
@@ -247,6 +250,24 @@ class Policy:
             forward_only=forward_only,
         )
 
+    def _model_inputs(self, mb: PolicyBatch) -> tuple:
+        """GPTModel's tokens, position ids, attention mask and packed-sequence params (THD only)."""
+        if mb.segment_ids is None:
+            positions = torch.arange(mb.tokens.shape[1], device=mb.tokens.device).expand_as(mb.tokens)
+            return mb.tokens, positions, None, None  # attention_mask None: the layers' causal mask type builds it
+        positions = packing.segment_positions(mb.segment_ids)
+        if not self.packed_thd:
+            # megatron's local attention takes an explicit mask (True = masked) instead of its causal one.
+            return mb.tokens, positions, packing.block_causal_mask(mb.segment_ids), None
+        # Transformer Engine: the micro-batch's rows become one THD sequence of runs.
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        cu_seqlens = packing.cu_seqlens(mb.segment_ids)
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                                 max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+        return mb.tokens.reshape(1, -1), positions.reshape(1, -1), None, params
+
     def _token_log_probs(
         self, hidden: torch.Tensor, *, mb: PolicyBatch, chunk: PolicyGPTModel, temperature: float,
         with_entropy: bool, fused: bool,
@@ -259,7 +280,7 @@ class Policy:
             hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         # Position t-1 predicts token t: only the rows feeding a masked token are scored.
         predicts = mb.loss_mask[:, 1:]  # [b, T-1]
-        rows = hidden.transpose(0, 1)[:, :-1][predicts]  # [n, h]
+        rows = hidden.transpose(0, 1).reshape(*mb.tokens.shape, -1)[:, :-1][predicts]  # [n, h]
         labels = mb.tokens[:, 1:][predicts]  # [n]
         log_prob_fn: LogProbFn = vocab_parallel_log_probs if fused else unfused_vocab_parallel_log_probs
         log_probs, entropy = log_prob_fn(
@@ -282,6 +303,11 @@ class Policy:
         with_entropy = loss_kwargs.get("entropy_coef", 0) != 0
         log_probs, entropy = self._token_log_probs(
             hidden, mb=mb, chunk=chunk, temperature=temperature, with_entropy=with_entropy, fused=fused)
+        if mb.segment_ids is not None:
+            # The losses read rows as sequences (seq-mean aggregations, GSPO's ratio, sequence counts).
+            index = packing.SampleIndex.of(mb.segment_ids)
+            log_probs, mb = index.unpack(log_probs), index.unpack_batch(mb)
+            entropy = index.unpack(entropy) if with_entropy else None
         loss, metrics = compute_policy_loss(
             loss_name,
             log_probs=log_probs,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,9 +35,10 @@ TINY_QWEN2 = {
     "tie_word_embeddings": True,
     "hidden_act": "silu",
 }
-SEQ_LEN = 32
-PROMPT_LENS = (6, 9, 4, 12)
-RESPONSE_LENS = (20, 14, 27, 17)
+SEQ_LEN = 48
+# Long-tailed sample lengths (26, 12, 44, 17, 7, 16, 4, 14): packed into rows of 44 they need 4 rows, not 8.
+PROMPT_LENS = (6, 9, 4, 12, 5, 7, 3, 8)
+RESPONSE_LENS = (20, 3, 40, 5, 2, 9, 1, 6)
 TEMPERATURE = 0.8
 MICRO_BATCH_SIZE = 1
 LOSS_HPARAMS = {"eps_low": 0.2, "eps_high": 0.2, "beta1": 0.5, "beta2": 1.0, "entropy_coef": 0.01, "nll_coef": 0.1}
@@ -46,7 +48,7 @@ LOSS_HPARAMS = {"eps_low": 0.2, "eps_high": 0.2, "beta1": 0.5, "beta2": 1.0, "en
 # parameter by at most lr * 1e-7 / eps = 1e-6) and sensitive to a wrongly scaled gradient.
 TRAIN = {"lr": 1e-3, "grad_clip": 1.0, "weight_decay": 0.01, "adam_eps": 1e-4}
 
-# name: (ParallelConfig fields, TrainConfig fields)
+# name: (ParallelConfig fields, TrainConfig fields); "<name>_packed" runs the layout on packed rows.
 LAYOUTS = {
     "tp2": ({"tensor_parallel": 2}, {}),
     "tp2_sp": ({"tensor_parallel": 2, "sequence_parallel": True}, {}),
@@ -95,7 +97,8 @@ def full_batch(*, old_log_probs: torch.Tensor | None = None):
     for row, (prompt, response) in enumerate(zip(PROMPT_LENS, RESPONSE_LENS)):
         loss_mask[row, prompt:prompt + response] = True
         tokens[row, prompt + response:] = 0  # padding
-    advantages = torch.tensor([1.0, -0.5, 0.8, -1.2]).unsqueeze(1).expand(num_rows, SEQ_LEN).contiguous()
+    advantages = torch.tensor([1.0, -0.5, 0.8, -1.2, 0.3, -0.9, 1.4, -0.2]).unsqueeze(1)
+    advantages = advantages.expand(num_rows, SEQ_LEN).contiguous()
     if old_log_probs is None:
         old_log_probs = torch.zeros(num_rows, SEQ_LEN)
     return PolicyBatch(tokens=tokens, loss_mask=loss_mask, advantages=advantages, old_log_probs=old_log_probs)
@@ -118,11 +121,12 @@ def _setup(rank: int, world_size: int, port: int, parallel_fields: dict, train_f
     return policy
 
 
-def _step(policy, batch, *, fused: bool = True):
+def _step(policy, batch, *, micro_batch_size: int = MICRO_BATCH_SIZE, fused: bool = True):
     """log-probs, then one RL step; returns everything the comparison needs."""
-    log_probs, entropy = policy.compute_log_probs(batch, temperature=TEMPERATURE, micro_batch_size=2, fused=fused)
+    log_probs, entropy = policy.compute_log_probs(batch, temperature=TEMPERATURE, micro_batch_size=2 * micro_batch_size,
+                                                  fused=fused)
     loss, metrics = policy.forward_backward(batch, loss_name="ce_gppo", loss_hparams=LOSS_HPARAMS,
-                                            temperature=TEMPERATURE, micro_batch_size=MICRO_BATCH_SIZE, fused=fused)
+                                            temperature=TEMPERATURE, micro_batch_size=micro_batch_size, fused=fused)
     grads = {name: param.main_grad.detach().clone() for chunk in policy.model for name, param in _named(chunk)}
     return log_probs, entropy, loss, metrics, grads
 
@@ -158,18 +162,21 @@ def run_layouts(rank: int, world_size: int, port: int, names: list[str], ref_pat
     torch.set_num_threads(1)
     ref = torch.load(ref_path)
     for name in names:
-        parallel_fields, train_fields = LAYOUTS[name]
+        packed = name.endswith("_packed")
+        parallel_fields, train_fields = LAYOUTS[name.removesuffix("_packed")]
         policy = _setup(rank, world_size, port, parallel_fields, train_fields)
-        dp_rank, dp = parallel_state.get_data_parallel_rank(), policy.dims.dp
         tp_rank, tp = parallel_state.get_tensor_model_parallel_rank(), policy.dims.tp
-        num_rows = len(PROMPT_LENS) // dp
-        rows = slice(dp_rank * num_rows, (dp_rank + 1) * num_rows)
-        batch = full_batch(old_log_probs=ref["old_log_probs"]).rows(rows)
-
-        log_probs, entropy, loss, metrics, grads = _step(policy, batch)
+        mine = _this_rank(policy, full_batch(old_log_probs=ref["old_log_probs"]), packed=packed)
+        # The reference's per-token outputs laid out like this rank's batch (the layout depends on lengths only).
+        expected = _this_rank(policy, replace(full_batch(), old_log_probs=ref["log_probs"],
+                                              rollout_log_probs=ref["entropy"]), packed=packed)
+        log_probs, entropy, loss, metrics, grads = _step(policy, mine.batch, micro_batch_size=mine.rows_per_micro_batch)
+        batch = mine.batch
+        if packed:
+            assert batch.num_rows * policy.dims.dp < len(PROMPT_LENS), "no two samples share a row"
         diffs = {
-            "log_probs": _max_diff(log_probs, ref["log_probs"][rows]),
-            "entropy": _max_diff(entropy, ref["entropy"][rows]),
+            "log_probs": _max_diff(log_probs, expected.batch.old_log_probs),
+            "entropy": _max_diff(entropy, expected.batch.rollout_log_probs),
             "loss": abs(loss - ref["loss"]),
             "metrics": max(abs(metrics[k] - ref["metrics"][k]) for k in ref["metrics"]),
         }
@@ -181,11 +188,12 @@ def run_layouts(rank: int, world_size: int, port: int, names: list[str], ref_pat
                 for k in grads)
         if name == "tp2":
             # The unfused reference log-prob path must give the same RL loss and gradients.
-            _, _, loss_unfused, _, grads_unfused = _step(policy, batch, fused=False)
+            _, _, loss_unfused, _, grads_unfused = _step(policy, batch, micro_batch_size=mine.rows_per_micro_batch,
+                                                         fused=False)
             diffs["fused_vs_unfused_loss"] = abs(loss - loss_unfused)
             diffs["fused_vs_unfused_grads"] = max(_max_diff(grads[k], grads_unfused[k]) for k in grads)
             policy.forward_backward(batch, loss_name="ce_gppo", loss_hparams=LOSS_HPARAMS,
-                                    temperature=TEMPERATURE, micro_batch_size=MICRO_BATCH_SIZE)
+                                    temperature=TEMPERATURE, micro_batch_size=mine.rows_per_micro_batch)
         stats = policy.step()
         diffs["grad_norm"] = abs(stats.grad_norm - ref["grad_norm"])
         diffs["params"] = max(
@@ -193,6 +201,16 @@ def run_layouts(rank: int, world_size: int, port: int, names: list[str], ref_pat
             for key, param in params.items())
         Path(out_dir, f"{name}.rank{rank}.json").write_text(json.dumps(diffs))
         del policy
+
+
+def _this_rank(policy, batch, *, packed: bool):
+    from megatron.core import parallel_state
+
+    from megatron_gppo.packing import rank_batch
+
+    return rank_batch(batch, num_minibatches=1, dp_rank=parallel_state.get_data_parallel_rank(),
+                      dp_size=policy.dims.dp, micro_batch_size=MICRO_BATCH_SIZE, pack=packed,
+                      seq_multiple=policy.dims.tp if policy.dims.sequence_parallel else 1)
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -8,8 +8,13 @@ TOLERANCE (fp32; reduction order differs between layouts). The TP=2 layout
 also checks that the fused and unfused log-prob paths give the same loss and
 gradients.
 
+The `*_packed` layouts run the same samples packed several to a row
+(packing.py: long-tailed lengths, rows of the longest sample, balanced over
+DP ranks) against the padded TP=1 reference: packing must change nothing
+but float rounding.
+
 Three process groups in all: the TP=1 reference (1 process), one 2-process
-group running seven layouts one after another, one 4-process group (TP2xPP2).
+group running twelve layouts one after another, one 4-process group (TP2xPP2, padded and packed).
 """
 
 from __future__ import annotations
@@ -26,7 +31,11 @@ import _policy_worker as worker
 pytestmark = pytest.mark.distributed
 
 TOLERANCE = 1e-5
-GROUPS = ((2, ["tp2", "tp2_sp", "pp2", "pp2_vpp2", "pp2_uneven", "dp2", "dp2_distopt"]), (4, ["tp2_pp2"]))
+GROUPS = (
+    (2, ["tp2", "tp2_sp", "pp2", "pp2_vpp2", "pp2_uneven", "dp2", "dp2_distopt",
+         "tp2_packed", "tp2_sp_packed", "pp2_packed", "pp2_vpp2_packed", "dp2_packed"]),
+    (4, ["tp2_pp2", "tp2_pp2_packed"]),
+)
 
 
 @pytest.fixture(scope="module")

@@ -28,16 +28,3 @@ def test_shards_cover_every_row_once():
             assert covered == list(range(num_rows))
     assert minibatch_slices(5, 2) == [slice(0, 3), slice(3, 5)]
     assert minibatch_slices(2, 4) == [slice(0, 1), slice(1, 2)]
-
-
-def test_data_parallel_ranks_split_every_minibatch():
-    from megatron_gppo.trainer import _rank_rows
-
-    for num_rows, num_minibatches, dp_size in ((10, 2, 2), (7, 3, 2), (3, 1, 4), (16, 4, 1)):
-        per_rank = [_rank_rows(num_rows, num_minibatches=num_minibatches, dp_rank=r, dp_size=dp_size)
-                    for r in range(dp_size)]
-        assert sorted(row for rows, _ in per_rank for row in rows) == list(range(num_rows))
-        for m, minibatch in enumerate(minibatch_slices(num_rows, num_minibatches)):
-            # Minibatch m on every rank is a piece of the same global minibatch.
-            pieces = [rows[segments[m]] for rows, segments in per_rank]
-            assert sorted(row for piece in pieces for row in piece) == list(range(num_rows))[minibatch]

@@ -79,6 +79,9 @@ def test_optional_values_accept_null():
         ("algorithm.beta_schedule.kind=linear",
          "config key 'algorithm.beta_schedule.ramp_steps': got 0, expected an integer >= 1 for kind=linear"),
         ("algorithm", "config key 'algorithm': override must look like section.key=value"),
+        ("train.max_tokens_per_micro_batch=2000",
+         "config key 'train.max_tokens_per_micro_batch': got 2000, but a rollout can be 2048 tokens long "
+         "(data.max_prompt_tokens + rollout.max_new_tokens); raise it to at least 2048"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_key(override, message):
@@ -86,6 +89,13 @@ def test_bad_values_give_one_line_naming_the_key(override, message):
         load_config(None, [override])
     assert str(info.value) == message
     assert "\n" not in str(info.value)
+
+
+def test_a_token_budget_needs_packing():
+    with pytest.raises(ConfigError, match="max_tokens_per_micro_batch': is a packed micro-batch size, but "
+                                          "pack_sequences is false"):
+        load_config(None, ["train.pack_sequences=false", "train.max_tokens_per_micro_batch=4096"])
+    assert load_config(None, ["train.max_tokens_per_micro_batch=4096"]).train.max_tokens_per_micro_batch == 4096
 
 
 def test_literal_choices_suggest_the_closest(tmp_path):

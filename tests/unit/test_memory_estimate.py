@@ -230,6 +230,10 @@ def test_cli_reads_a_run_config(hf_config, tmp_path, capsys):
     inputs = json.loads(capsys.readouterr().out)["inputs"]
     assert (inputs["tp"], inputs["pp"], inputs["seq_length"], inputs["micro_batch_size"]) == (2, 2, 128, 3)
     assert (inputs["dtype"], inputs["recompute"]) == ("float32", "selective")
+    # A packed token budget sets the micro-batch: as many rows of the longest sample as fit.
+    assert _tool().main(["--config", str(config), "--json", "train.max_tokens_per_micro_batch=700"]) == 0
+    packed = json.loads(capsys.readouterr().out)
+    assert packed["inputs"]["micro_batch_size"] == 5 and "packed micro-batches of 700 tokens" in packed["notes"][-1]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -239,6 +243,7 @@ def test_cli_reads_a_run_config(hf_config, tmp_path, capsys):
     (["--hf-config", "{hf}", "--tp", "0", "--seq-length", "8"], "--tp=0 must be >= 1"),
     (["--hf-config", "{hf}"], "--seq-length"),
     (["--config", "/nonexistent/run.yaml"], "config file not found"),
+    (["--hf-config", "{hf}", "--seq-length", "64", "--max-tokens-per-micro-batch", "32"], "raise it to at least 64"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(hf_config, capsys, argv, message):
     code = _tool().main([arg.replace("{hf}", str(hf_config)) for arg in argv])
