@@ -104,7 +104,8 @@ def full_batch(*, old_log_probs: torch.Tensor | None = None):
     return PolicyBatch(tokens=tokens, loss_mask=loss_mask, advantages=advantages, old_log_probs=old_log_probs)
 
 
-def _setup(rank: int, world_size: int, port: int, parallel_fields: dict, train_fields: dict):
+def _setup(rank: int, world_size: int, port: int, parallel_fields: dict, train_fields: dict, *,
+           dtype: str = "float32"):
     from megatron_gppo.config import ModelConfig, ParallelConfig, TrainConfig
     from megatron_gppo.checkpoint.qwen2 import hf_to_megatron
     from megatron_gppo.model.arch import ModelArch
@@ -115,7 +116,7 @@ def _setup(rank: int, world_size: int, port: int, parallel_fields: dict, train_f
     environ = {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     dims = init_distributed(ParallelConfig(**parallel_fields), arch=arch, seed=1234, environ=environ)
-    policy = Policy(arch=arch, dims=dims, model=ModelConfig(dtype="float32"),
+    policy = Policy(arch=arch, dims=dims, model=ModelConfig(dtype=dtype),
                     train=TrainConfig(**{**TRAIN, **train_fields}))
     policy.load_full_state_dict(hf_to_megatron(seeded_hf_state_dict(arch), arch=arch))
     return policy
@@ -201,6 +202,35 @@ def run_layouts(rank: int, world_size: int, port: int, names: list[str], ref_pat
             for key, param in params.items())
         Path(out_dir, f"{name}.rank{rank}.json").write_text(json.dumps(diffs))
         del policy
+
+
+def run_packed_vs_padded(rank: int, port: int, path: str, dtype: str) -> None:
+    """One process: log-probs, entropy and the RL loss of the test batch, padded and packed.
+
+    On a GPU with Transformer Engine the packed rows run as THD sequences
+    (`PackedSeqParams`), the padded ones with TE's causal mask.
+    """
+    policy = _setup(0, 1, port, {}, {}, dtype=dtype)
+    padded = full_batch()
+    log_probs, entropy = policy.compute_log_probs(padded, temperature=TEMPERATURE, micro_batch_size=2)
+    noise = torch.randn(log_probs.shape, generator=torch.Generator().manual_seed(2)) * 0.3
+    old_log_probs = (log_probs.float().cpu() + noise) * padded.loss_mask
+    packed = _this_rank(policy, replace(padded, old_log_probs=log_probs.float().cpu(),
+                                        rollout_log_probs=entropy.float().cpu()), packed=True)
+    packed_log_probs, packed_entropy = policy.compute_log_probs(packed.batch, temperature=TEMPERATURE,
+                                                                micro_batch_size=packed.rows_per_micro_batch)
+    losses = {}
+    for name, mine in (("padded", _this_rank(policy, full_batch(old_log_probs=old_log_probs), packed=False)),
+                       ("packed", _this_rank(policy, full_batch(old_log_probs=old_log_probs), packed=True))):
+        losses[name], _ = policy.forward_backward(mine.batch, loss_name="ce_gppo", loss_hparams=LOSS_HPARAMS,
+                                                  temperature=TEMPERATURE, micro_batch_size=mine.rows_per_micro_batch)
+    Path(path).write_text(json.dumps({
+        "packed_thd": policy.packed_thd,
+        "num_packed_rows": packed.batch.num_rows,
+        "log_probs": _max_diff(packed_log_probs.cpu(), packed.batch.old_log_probs),
+        "entropy": _max_diff(packed_entropy.cpu(), packed.batch.rollout_log_probs),
+        "loss_padded": losses["padded"], "loss_packed": losses["packed"],
+    }))
 
 
 def _this_rank(policy, batch, *, packed: bool):
