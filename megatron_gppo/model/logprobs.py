@@ -115,6 +115,69 @@ def vocab_parallel_log_probs(
         Gradients flow to ``hidden`` and ``weight`` in their own dtypes; with TP
         the ``hidden`` gradient is already summed over the group (module doc).
     """
+    plan = _make_plan(hidden, weight, labels, temperature=temperature, tp_group=tp_group, chunk_size=chunk_size,
+                      with_entropy=with_entropy, vocab_size=vocab_size, ignore_index=ignore_index,
+                      block_size=block_size)
+    log_probs, entropy = _FusedLogProbs.apply(hidden, weight, labels, plan)
+    return log_probs, (entropy if with_entropy else None)
+
+
+@dataclass(frozen=True)
+class SoftmaxMoments:
+    """Per-token statistics of the next-token distribution p, each ``[tokens]`` (0 at ignored positions)."""
+
+    log_probs: torch.Tensor
+    """log p(label)."""
+    entropy: torch.Tensor
+    """H = -sum_b p_b log p_b."""
+    sum_p2: torch.Tensor
+    """sum_b p_b^2."""
+    sum_p2_log_p: torch.Tensor
+    """sum_b p_b^2 log p_b."""
+
+
+@torch.no_grad()
+def vocab_parallel_softmax_moments(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    tp_group=None,
+    vocab_size: int | None = None,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    block_size: int | None = None,
+) -> SoftmaxMoments:
+    """log p(label), entropy and the two squared-probability moments, without logits or gradients.
+
+    The same tiles and TP reduction as `vocab_parallel_log_probs` (arguments
+    alike), with two more online sums: ``u = sum exp(2 (z - m))`` and
+    ``w = sum exp(2 (z - m)) (z - m)``, so that ``sum p^2 = u / s^2`` and
+    ``sum p^2 log p = (w - u log s) / s^2``. They give the entropy
+    sensitivity of a token (`algorithm.diagnostics.entropy_sensitivity`).
+    """
+    plan = _make_plan(hidden, weight, labels, temperature=temperature, tp_group=tp_group, chunk_size=chunk_size,
+                      with_entropy=True, vocab_size=vocab_size, ignore_index=ignore_index, block_size=block_size)
+    valid, local_labels = _local_labels(labels, plan)
+    m, (s, t, target, u, w) = _softmax_sums(hidden, weight, local_labels, plan, with_moments=True)
+    log_s = s.log()
+    s_squared = s.square()
+
+    def masked(values: torch.Tensor) -> torch.Tensor:
+        return values.masked_fill_(~valid, 0)
+
+    return SoftmaxMoments(
+        log_probs=masked((target - m - log_s).clamp_(max=0)),
+        entropy=masked((log_s - t / s).clamp_(min=0)),
+        sum_p2=masked(u / s_squared),
+        sum_p2_log_p=masked((w - u * log_s) / s_squared),
+    )
+
+
+def _make_plan(hidden, weight, labels, *, temperature, tp_group, chunk_size, with_entropy, vocab_size, ignore_index,
+               block_size) -> _Plan:
+    """Check the inputs of one call (ValueError) and fix its settings."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"expected hidden [tokens, hidden] and weight [vocab/TP, hidden], "
@@ -154,7 +217,7 @@ def vocab_parallel_log_probs(
         )
 
     vocab_start = tp_rank * num_local_rows
-    plan = _Plan(
+    return _Plan(
         inv_temperature=1.0 / temperature,
         chunk_size=chunk_size,
         block_size=block_size,
@@ -166,8 +229,6 @@ def vocab_parallel_log_probs(
         compute_dtype=torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32),
         tp_group=tp_group if tp_size > 1 else None,
     )
-    log_probs, entropy = _FusedLogProbs.apply(hidden, weight, labels, plan)
-    return log_probs, (entropy if with_entropy else None)
 
 
 def _tile_shape(num_tokens: int, plan: _Plan) -> tuple[int, int]:
@@ -226,52 +287,84 @@ def _label_columns(local_labels: torch.Tensor, b0: int, b1: int) -> tuple[torch.
     return col.clamp_(0, b1 - b0 - 1).unsqueeze(1), hit
 
 
-def _rescale(m_old: torch.Tensor, m_new: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None) -> None:
+def _rescale(m_old: torch.Tensor, m_new: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None,
+             u: torch.Tensor | None = None, w: torch.Tensor | None = None) -> None:
     """Move running sums taken relative to ``m_old`` onto ``m_new`` (>= m_old), in place.
 
-    ``s = sum exp(z - m)`` scales by ``exp(m_old - m_new)``; the shifted
-    ``t = sum exp(z - m) (z - m)`` becomes ``exp(d) (t + d s)`` with ``d = m_old - m_new``.
+    With ``d = m_old - m_new``: ``s = sum exp(z - m)`` scales by ``exp(d)``; the
+    shifted ``t = sum exp(z - m) (z - m)`` becomes ``exp(d) (t + d s)``; the
+    squared-probability sums ``u = sum exp(2 (z - m))`` and ``w = sum exp(2 (z - m)) (z - m)``
+    become ``exp(2 d) u`` and ``exp(2 d) (w + d u)``.
     """
     d = (m_old - m_new).clamp_(min=_MIN_LOG_SCALE)
     scale = d.exp()
     if t is not None:
         t.addcmul_(d, s).mul_(scale)
     s.mul_(scale)
+    if u is not None:
+        scale.square_()
+        w.addcmul_(d, u).mul_(scale)
+        u.mul_(scale)
+
+
+def _softmax_sums(hidden: torch.Tensor, weight: torch.Tensor, local_labels: torch.Tensor, plan: _Plan, *,
+                  with_moments: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, the max logit ``m`` and the sums ``[s, t, target logit]`` (``+ [u, w]`` with moments).
+
+    Online over the vocab tiles and combined over the TP group (see ``_rescale``
+    for what each sum is); ``t`` only with ``plan.with_entropy``.
+    """
+    num_tokens = hidden.shape[0]
+    new = dict(dtype=plan.compute_dtype, device=hidden.device)
+    m = torch.full((num_tokens,), float("-inf"), **new)
+    # One tensor so TP needs a single sum all-reduce.
+    sums = torch.zeros(5 if with_moments else 3, num_tokens, **new)
+    s, t, target, *moments = sums
+    exp_buf = _tile_buffer(num_tokens, plan, hidden.device)
+    sq_buf = _tile_buffer(num_tokens, plan, hidden.device) if with_moments else None
+
+    def rescale(m_old, m_new, rows=slice(None)):
+        u, w = [x[rows] for x in moments] or (None, None)
+        _rescale(m_old, m_new, s[rows], t[rows] if plan.with_entropy else None, u, w)
+
+    for rows, b0, b1, _, _, z in _logit_tiles(hidden, weight, plan):
+        col, hit = _label_columns(local_labels[rows], b0, b1)
+        target[rows] += torch.where(hit, z.gather(1, col).squeeze(1), 0)
+        m_new = torch.maximum(m[rows], z.amax(dim=1))
+        # (Indexing with a slice gives views, so the running sums are rescaled in place.)
+        rescale(m[rows], m_new, rows)
+        m[rows] = m_new
+        z.sub_(m_new.unsqueeze(1))  # z - m <= 0: exp cannot overflow
+        e = torch.exp(z, out=_view(exp_buf, z))
+        s[rows] += e.sum(dim=1)
+        if with_moments:
+            e2 = torch.square(e, out=_view(sq_buf, z))
+            moments[0][rows] += e2.sum(dim=1)
+            moments[1][rows] += e2.mul_(z).sum(dim=1)
+        if plan.with_entropy:
+            t[rows] += e.mul_(z).sum(dim=1)
+
+    if plan.tp_group is not None:
+        m_local = m.clone()
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=plan.tp_group)
+        rescale(m_local, m)
+        dist.all_reduce(sums, group=plan.tp_group)
+    return m, sums
+
+
+def _local_labels(labels: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which labels count, and each one's row in this rank's shard (-1 when another rank owns it)."""
+    valid = labels != plan.ignore_index
+    local_labels = labels.long() - plan.vocab_start
+    owned = valid & (local_labels >= 0) & (local_labels < plan.num_cols)
+    return valid, torch.where(owned, local_labels, -1)
 
 
 class _FusedLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, plan: _Plan):
-        num_tokens = hidden.shape[0]
-        new = dict(dtype=plan.compute_dtype, device=hidden.device)
-        valid = labels != plan.ignore_index
-        local_labels = labels.long() - plan.vocab_start
-        owned = valid & (local_labels >= 0) & (local_labels < plan.num_cols)
-        local_labels = torch.where(owned, local_labels, -1)
-
-        m = torch.full((num_tokens,), float("-inf"), **new)
-        # Rows: s, t, target logit. One tensor so TP needs a single sum all-reduce.
-        sums = torch.zeros(3, num_tokens, **new)
-        s, t, target = sums
-        exp_buf = _tile_buffer(num_tokens, plan, hidden.device)
-        for rows, b0, b1, _, _, z in _logit_tiles(hidden, weight, plan):
-            col, hit = _label_columns(local_labels[rows], b0, b1)
-            target[rows] += torch.where(hit, z.gather(1, col).squeeze(1), 0)
-            m_new = torch.maximum(m[rows], z.amax(dim=1))
-            _rescale(m[rows], m_new, s[rows], t[rows] if plan.with_entropy else None)
-            m[rows] = m_new
-            z.sub_(m_new.unsqueeze(1))  # z - m <= 0: exp cannot overflow
-            e = torch.exp(z, out=_view(exp_buf, z))
-            s[rows] += e.sum(dim=1)
-            if plan.with_entropy:
-                t[rows] += e.mul_(z).sum(dim=1)
-
-        if plan.tp_group is not None:
-            m_local = m.clone()
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=plan.tp_group)
-            _rescale(m_local, m, s, t)
-            dist.all_reduce(sums, group=plan.tp_group)
-
+        valid, local_labels = _local_labels(labels, plan)
+        m, (s, t, target) = _softmax_sums(hidden, weight, local_labels, plan)
         log_s = s.log()
         lse = m + log_s
         # Mathematically z_y <= lse, but rounding (p_y ~ 1) can make z_y - lse a
