@@ -35,6 +35,10 @@ class PolicyBatch:
     rollout_log_probs: torch.Tensor | None = None
     """float log-probs reported by the rollout engine, for truncated importance sampling (optional)."""
 
+    entropy_sensitivity: torch.Tensor | None = None
+    """float S_t of each token under the sampling policy (`algorithm.diagnostics.entropy_sensitivity`), for the
+    predicted-entropy-change metrics (optional)."""
+
     segment_ids: torch.Tensor | None = None
     """int64, packed rows only (see packing.py): 1, 2, ... for the samples of a row in order, 0 for padding.
     None: one sample per row, right-padded."""

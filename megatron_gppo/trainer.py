@@ -84,12 +84,13 @@ def train_on_batch(policy: Policy, rollouts: RolloutBatch, *, config: RunConfig)
     batch, micro_batch_size = mine.batch, mine.rows_per_micro_batch
     temperature = config.rollout.temperature
 
-    old_log_probs, entropy = policy.compute_log_probs(batch, temperature=temperature, micro_batch_size=micro_batch_size)
+    old_log_probs, entropy, sensitivity = policy.compute_token_stats(batch, temperature=temperature,
+                                                                     micro_batch_size=micro_batch_size)
     # What the sampling policy was like, measured on its own samples before the update.
     sampled = rollout_mismatch(batch, train_log_probs=old_log_probs, policy=policy)
     sampled["entropy"] = masked_mean_over_dp(entropy, batch.loss_mask.to(entropy.device), policy)
 
-    batch = replace(batch, old_log_probs=old_log_probs.cpu(),
+    batch = replace(batch, old_log_probs=old_log_probs.cpu(), entropy_sensitivity=sensitivity.cpu(),
                     rollout_log_probs=batch.rollout_log_probs if config.algorithm.tis_cap is not None else None)
     hparams = loss_hparams(config, beta1=rollouts.beta1, beta2=rollouts.beta2)
     updates = [policy.forward_backward_step(batch.rows(minibatch), loss_name=config.algorithm.loss,

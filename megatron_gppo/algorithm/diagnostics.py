@@ -166,6 +166,73 @@ def entropy_change_moments(
     }
 
 
+def entropy_sensitivity(
+    *, log_probs: torch.Tensor, entropy: torch.Tensor, sum_p2: torch.Tensor, sum_p2_log_p: torch.Tensor,
+) -> torch.Tensor:
+    """S_t: the first-order entropy change of a token's state per unit step on its log-prob.
+
+    For the sampled token a of a softmax p over logits z with entropy H, a
+    gradient step of size eta on the logits whose loss has per-token gradient
+    g = d loss / d log p(a) moves z by -eta g (e_a - p); since
+    dH / dz_b = -p_b (log p_b + H), the entropy changes by
+
+        dH = eta * g * S,   S = p_a (log p_a + H) - sum_b p_b^2 (log p_b + H).
+
+    S > 0 for a likely token (pushing it down, g > 0, flattens p) and S < 0
+    for an unlikely one (pushing it down sharpens p). The sums over the
+    vocabulary come from the fused op (`vocab_parallel_softmax_moments`).
+
+    Args: `[batch, response_len]` each: log p(a), H, sum_b p_b^2, sum_b p_b^2 log p_b.
+    """
+    return torch.exp(log_probs) * (log_probs + entropy) - (sum_p2_log_p + entropy * sum_p2)
+
+
+def predicted_entropy_change(
+    *,
+    loss_grad: torch.Tensor,
+    sensitivity: torch.Tensor,
+    advantages: torch.Tensor,
+    clipped_low: torch.Tensor,
+    clipped_high: torch.Tensor,
+    loss_mask: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+) -> dict[str, torch.Tensor]:
+    """First-order entropy change of one update, per loss region, and its derivatives in beta1 / beta2.
+
+    Each is a mean over the mask tokens of `loss_grad * sensitivity` (see
+    `entropy_sensitivity`), i.e. the change of the summed per-token entropy
+    for a unit-learning-rate step on the logits of the token-sum loss;
+    multiply by lr / num_tokens for the token-mean loss's step.
+    `predicted_entropy_change_low` / `_high` are the clipped regions (for
+    CE-GPPO the beta1 / beta2 tokens, loss_grad = -beta1 (1 - eps_low) A and
+    -beta2 (1 + eps_high) A), `_inside` the rest (loss_grad = -r A).
+    `entropy_sensitivity_beta1` = d predicted_entropy_change / d beta1 =
+    mean of -(1 - eps_low) A S over the low-clipped tokens (0 elsewhere), and
+    `entropy_sensitivity_beta2` likewise: their signs say which way raising
+    each beta moves the entropy, whatever the paper's premise.
+
+    Args:
+        loss_grad: `[batch, response_len]` d per-token loss / d log_prob.
+        sensitivity, advantages: `[batch, response_len]`.
+        clipped_low, clipped_high, loss_mask: `[batch, response_len]` bool.
+        eps_low, eps_high: the loss's clip range.
+    """
+    change = loss_grad * sensitivity
+    inside = ~(clipped_low | clipped_high)
+    zero = torch.zeros_like(change)
+    return {
+        "predicted_entropy_change": masked_mean(change, loss_mask),
+        "predicted_entropy_change_inside": masked_mean(torch.where(inside, change, zero), loss_mask),
+        "predicted_entropy_change_low": masked_mean(torch.where(clipped_low, change, zero), loss_mask),
+        "predicted_entropy_change_high": masked_mean(torch.where(clipped_high, change, zero), loss_mask),
+        "entropy_sensitivity_beta1": masked_mean(
+            torch.where(clipped_low, -(1 - eps_low) * advantages * sensitivity, zero), loss_mask),
+        "entropy_sensitivity_beta2": masked_mean(
+            torch.where(clipped_high, -(1 + eps_high) * advantages * sensitivity, zero), loss_mask),
+    }
+
+
 def to_floats(metrics: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """Turn a dict of 0-dim tensors (all on one device) into python floats with one device sync."""
     names = list(metrics)

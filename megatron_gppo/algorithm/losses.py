@@ -456,6 +456,19 @@ def _validate(
 
 
 @torch.no_grad()
+def _token_loss_grad(name: str, *, log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+                     loss_mask: torch.Tensor, tis_weights: torch.Tensor | None, **loss_hparams: Any) -> torch.Tensor:
+    """d (summed per-token policy loss) / d log_prob, `[batch, response_len]`, on a detached copy of log_probs."""
+    with torch.enable_grad():
+        probe = log_probs.detach().requires_grad_()
+        loss = POLICY_LOSSES[name](log_probs=probe, old_log_probs=old_log_probs, advantages=advantages,
+                                   loss_mask=loss_mask, **loss_hparams).loss
+        if tis_weights is not None:
+            loss = loss * tis_weights
+        (grad,) = torch.autograd.grad(torch.where(loss_mask, loss, torch.zeros_like(loss)).sum(), probe)
+    return grad
+
+
 def _policy_metrics(
     *,
     token_loss: TokenLoss,
@@ -523,6 +536,7 @@ def compute_policy_loss(
     rollout_log_probs: torch.Tensor | None = None,
     tis_cap: float = 2.0,
     high_prob_threshold: float = 0.5,
+    entropy_sensitivity: torch.Tensor | None = None,
     **loss_hparams: Any,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The policy loss `name` from `POLICY_LOSSES`, aggregated, with optional extra terms.
@@ -549,6 +563,10 @@ def compute_policy_loss(
         tis_cap: truncation of that weight (ignored without rollout_log_probs).
         high_prob_threshold: pi >= this makes a token "high probability" in the
             `frac_*` metrics (pi_old >= this in `clip_frac_*_hp`).
+        entropy_sensitivity: `[batch, response_len]` S_t of each token
+            (`diagnostics.entropy_sensitivity`); when given, the metrics add
+            `diagnostics.predicted_entropy_change` (which needs the variant to
+            take `eps_low` and `eps_high`).
         **loss_hparams: the variant's own hyperparameters, e.g. `eps_low`,
             `eps_high`, `beta1`, `beta2`, `dual_clip_c` for `ce_gppo`.
 
@@ -572,6 +590,7 @@ def compute_policy_loss(
         loss_mask=loss_mask,
         entropy=entropy,
         rollout_log_probs=rollout_log_probs,
+        entropy_sensitivity=entropy_sensitivity,
     )
     _validate(
         name,
@@ -599,6 +618,7 @@ def compute_policy_loss(
     )
     policy_loss = token_loss.loss
     metrics: dict[str, torch.Tensor] = {}
+    tis_weights = None
     if rollout_log_probs is not None:
         tis_weights, truncated = truncated_is_weights(
             old_log_probs=old_log_probs, rollout_log_probs=rollout_log_probs, loss_mask=loss_mask, tis_cap=tis_cap
@@ -606,6 +626,15 @@ def compute_policy_loss(
         policy_loss = policy_loss * tis_weights
         metrics["tis_weight_mean"] = diagnostics.masked_mean(tis_weights, loss_mask)
         metrics["tis_clip_frac"] = diagnostics.masked_mean(truncated.double(), loss_mask)
+
+    if entropy_sensitivity is not None:
+        hparams = {**_variant_hparams(name), **loss_hparams}
+        metrics.update(diagnostics.predicted_entropy_change(
+            loss_grad=_token_loss_grad(name, log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages,
+                                       loss_mask=loss_mask, tis_weights=tis_weights, **loss_hparams),
+            sensitivity=entropy_sensitivity, advantages=advantages, clipped_low=token_loss.clipped_low,
+            clipped_high=token_loss.clipped_high, loss_mask=loss_mask,
+            eps_low=hparams["eps_low"], eps_high=hparams["eps_high"]))
 
     loss = aggregate(
         policy_loss,

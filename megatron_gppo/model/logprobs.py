@@ -167,8 +167,9 @@ def vocab_parallel_softmax_moments(
     def masked(values: torch.Tensor) -> torch.Tensor:
         return values.masked_fill_(~valid, 0)
 
+    # The same expressions as `_FusedLogProbs.forward`, so both give the same bits.
     return SoftmaxMoments(
-        log_probs=masked((target - m - log_s).clamp_(max=0)),
+        log_probs=masked((target - (m + log_s)).clamp_(max=0)),
         entropy=masked((log_s - t / s).clamp_(min=0)),
         sum_p2=masked(u / s_squared),
         sum_p2_log_p=masked((w - u * log_s) / s_squared),

@@ -42,7 +42,7 @@ from megatron_gppo.algorithm.losses import compute_policy_loss, loss_normalizers
 from megatron_gppo.batching import PolicyBatch
 from megatron_gppo.config import ModelConfig, TrainConfig
 from megatron_gppo.model.arch import ModelArch
-from megatron_gppo.model.logprobs import vocab_parallel_log_probs
+from megatron_gppo.model.logprobs import vocab_parallel_log_probs, vocab_parallel_softmax_moments
 from megatron_gppo.model.optimizer import (
     StepStats,
     build_optimizer,
@@ -73,6 +73,11 @@ class TrainStepResult:
     update_successful: bool
     metrics: dict[str, float] = field(default_factory=dict)
     """compute_policy_loss metrics combined exactly over micro-batches and ranks."""
+
+
+def _place(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`[n]` values of the mask tokens -> `[b, T]`, 0 elsewhere."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask.bool(), values)
 
 
 class Policy:
@@ -180,25 +185,39 @@ class Policy:
         Returns `[B, T]` fp32 tensors (0 outside the mask) on every rank of the
         model-parallel group, for this data-parallel rank's sequences.
         """
-        batch = batch.to(self.device)
-        micro_batches = self._micro_batches(batch, micro_batch_size)
-        loss_func = partial(self._collect_log_probs, temperature=temperature, with_entropy=with_entropy, fused=fused)
-        for chunk in self.model:
-            chunk.eval()
-        outputs = self._run_schedule(micro_batches, loss_func, forward_only=True)
 
-        num_rows, seq_len = batch.tokens.shape
-        shape = (len(micro_batches) * micro_batch_size, micro_batches[0].tokens.shape[1])
-        result = torch.zeros((2, *shape), dtype=torch.float32, device=self.device)
-        if parallel_state.is_pipeline_last_stage():
-            result[0] = torch.cat([out["log_probs"] for out in outputs])
-            if with_entropy:
-                result[1] = torch.cat([out["entropy"] for out in outputs])
-        if self.dims.pp > 1:
-            dist.broadcast(result, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                           group=parallel_state.get_pipeline_model_parallel_group())
-        result = result[:, :num_rows, :seq_len]
-        return result[0], (result[1] if with_entropy else None)
+        def per_token(hidden, *, mb, chunk):
+            log_probs, entropy = self._token_log_probs(hidden, mb=mb, chunk=chunk, temperature=temperature,
+                                                       with_entropy=with_entropy, fused=fused)
+            return [log_probs] + ([entropy] if with_entropy else [])
+
+        outputs = self._collect_per_token(batch, per_token, num_channels=1 + with_entropy,
+                                          micro_batch_size=micro_batch_size)
+        return outputs[0], (outputs[1] if with_entropy else None)
+
+    @torch.no_grad()
+    def compute_token_stats(
+        self, batch: PolicyBatch, *, temperature: float = 1.0, micro_batch_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token log-probs, entropy and entropy sensitivity S_t (`diagnostics.entropy_sensitivity`).
+
+        One forward pass with the fused op's two extra vocabulary moments;
+        `[B, T]` fp32 each, 0 outside the mask, on every model-parallel rank.
+        """
+
+        def per_token(hidden, *, mb, chunk):
+            rows, labels = self._scored_rows(hidden, mb=mb)
+            moments = vocab_parallel_softmax_moments(
+                rows, chunk.output_weight(), labels, temperature=temperature, tp_group=self._tp_group(),
+                vocab_size=chunk.vocab_size_unpadded)
+            sensitivity = diagnostics.entropy_sensitivity(
+                log_probs=moments.log_probs, entropy=moments.entropy, sum_p2=moments.sum_p2,
+                sum_p2_log_p=moments.sum_p2_log_p)
+            return [_place(values, mb.loss_mask) for values in (moments.log_probs, moments.entropy, sensitivity)]
+
+        log_probs, entropy, sensitivity = self._collect_per_token(batch, per_token, num_channels=3,
+                                                                  micro_batch_size=micro_batch_size)
+        return log_probs, entropy, sensitivity
 
     # ------------------------------------------------------------------ internals
 
@@ -268,12 +287,11 @@ class Policy:
                                  max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
         return mb.tokens.reshape(1, -1), positions.reshape(1, -1), None, params
 
-    def _token_log_probs(
-        self, hidden: torch.Tensor, *, mb: PolicyBatch, chunk: PolicyGPTModel, temperature: float,
-        with_entropy: bool, fused: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`[b, T]` log-probs and entropy at `mb.loss_mask`, 0 elsewhere, from `[s, b, h]` hidden states."""
-        tp_group = parallel_state.get_tensor_model_parallel_group() if self.dims.tp > 1 else None
+    def _tp_group(self):
+        return parallel_state.get_tensor_model_parallel_group() if self.dims.tp > 1 else None
+
+    def _scored_rows(self, hidden: torch.Tensor, *, mb: PolicyBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[n, h]` hidden states that predict the `[n]` scored tokens of `mb`, from `[s, b, h]` hidden states."""
         if self.dims.sequence_parallel:
             # The log-prob op already returns the TP-summed hidden gradient, so the
             # backward of this gather must only split it (not reduce-scatter again).
@@ -281,19 +299,46 @@ class Policy:
         # Position t-1 predicts token t: only the rows feeding a masked token are scored.
         predicts = mb.loss_mask[:, 1:]  # [b, T-1]
         rows = hidden.transpose(0, 1).reshape(*mb.tokens.shape, -1)[:, :-1][predicts]  # [n, h]
-        labels = mb.tokens[:, 1:][predicts]  # [n]
+        return rows, mb.tokens[:, 1:][predicts]
+
+    def _token_log_probs(
+        self, hidden: torch.Tensor, *, mb: PolicyBatch, chunk: PolicyGPTModel, temperature: float,
+        with_entropy: bool, fused: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`[b, T]` log-probs and entropy at `mb.loss_mask`, 0 elsewhere, from `[s, b, h]` hidden states."""
+        rows, labels = self._scored_rows(hidden, mb=mb)
         log_prob_fn: LogProbFn = vocab_parallel_log_probs if fused else unfused_vocab_parallel_log_probs
         log_probs, entropy = log_prob_fn(
-            rows, chunk.output_weight(), labels, temperature=temperature, tp_group=tp_group,
+            rows, chunk.output_weight(), labels, temperature=temperature, tp_group=self._tp_group(),
             with_entropy=with_entropy, vocab_size=chunk.vocab_size_unpadded,
         )
-        mask = mb.loss_mask.bool()
+        return _place(log_probs, mb.loss_mask), (_place(entropy, mb.loss_mask) if with_entropy else None)
 
-        def place(values):
-            zeros = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
-            return zeros.masked_scatter(mask, values)
+    def _collect_per_token(self, batch: PolicyBatch, per_token: Callable, *, num_channels: int,
+                           micro_batch_size: int) -> list[torch.Tensor]:
+        """`per_token(hidden, mb=, chunk=)`'s `num_channels` `[b, T]` tensors of every micro-batch, as `[B, T]`.
 
-        return place(log_probs), (place(entropy) if with_entropy else None)
+        On every rank of the model-parallel group (the pipeline's last stage computes them).
+        """
+        batch = batch.to(self.device)
+        micro_batches = self._micro_batches(batch, micro_batch_size)
+
+        def loss_func(hidden, *, mb, chunk):
+            return torch.zeros((), device=hidden.device), {"values": per_token(hidden, mb=mb, chunk=chunk)}
+
+        for chunk in self.model:
+            chunk.eval()
+        outputs = self._run_schedule(micro_batches, loss_func, forward_only=True)
+        num_rows, seq_len = batch.tokens.shape
+        shape = (len(micro_batches) * micro_batch_size, micro_batches[0].tokens.shape[1])
+        result = torch.zeros((num_channels, *shape), dtype=torch.float32, device=self.device)
+        if parallel_state.is_pipeline_last_stage():
+            for channel in range(num_channels):
+                result[channel] = torch.cat([out["values"][channel] for out in outputs])
+        if self.dims.pp > 1:
+            dist.broadcast(result, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                           group=parallel_state.get_pipeline_model_parallel_group())
+        return list(result[:, :num_rows, :seq_len])
 
     def _rl_loss(
         self, hidden: torch.Tensor, *, mb: PolicyBatch, chunk: PolicyGPTModel, loss_name: str,
@@ -316,16 +361,11 @@ class Policy:
             loss_mask=mb.loss_mask,
             entropy=entropy,
             rollout_log_probs=mb.rollout_log_probs,
+            entropy_sensitivity=mb.entropy_sensitivity,
             **loss_kwargs,
         )
         # A new tensor: the schedule divides the returned loss in place.
         return loss * loss_scale, {"loss": loss.detach(), "metrics": metrics}
-
-    def _collect_log_probs(self, hidden: torch.Tensor, *, mb: PolicyBatch, chunk: PolicyGPTModel,
-                           temperature: float, with_entropy: bool, fused: bool):
-        log_probs, entropy = self._token_log_probs(
-            hidden, mb=mb, chunk=chunk, temperature=temperature, with_entropy=with_entropy, fused=fused)
-        return torch.zeros((), device=hidden.device), {"log_probs": log_probs, "entropy": entropy}
 
     def _combine_loss_outputs(self, outputs: list[dict]) -> tuple[float, dict[str, float]]:
         """Sum the loss and combine metrics over micro-batches and DP ranks; give them to every PP rank."""

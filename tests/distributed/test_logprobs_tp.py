@@ -1,4 +1,4 @@
-"""Fused log-probs + entropy with TP=2 (two gloo processes) against TP=1 naive."""
+"""Fused log-probs + entropy (and the softmax moments) with TP=2 (two gloo processes) against TP=1 naive."""
 
 import os
 from datetime import timedelta
@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megatron_gppo.model.logprobs import vocab_parallel_log_probs
+from megatron_gppo.model.logprobs import vocab_parallel_log_probs, vocab_parallel_softmax_moments
 from megatron_gppo.ports import free_port
 
 pytestmark = pytest.mark.distributed
@@ -62,7 +62,10 @@ def _tp_worker(rank, port, out_dir):
             if entropy is not None:
                 loss = loss + (entropy * w_ent).sum()
             loss.backward()
-            results[name] = dict(log_probs=log_probs, entropy=entropy, grad_hidden=hidden.grad, grad_shard=shard.grad)
+            results[name] = dict(log_probs=log_probs, entropy=entropy, grad_hidden=hidden.grad, grad_shard=shard.grad,
+                                 moments=vars(vocab_parallel_softmax_moments(
+                                     hidden, shard, labels, tp_group=group, chunk_size=CHUNK, block_size=BLOCK,
+                                     temperature=case["temperature"], vocab_size=case["vocab_size"])))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -107,3 +110,17 @@ def test_tp2_matches_tp1_naive(tp_results, name):
     grad_weight = torch.cat([r[name]["grad_shard"] for r in tp_results])
     torch.testing.assert_close(grad_weight, weight.grad, **TOL)
     assert (grad_weight[case["vocab_size"] :] == 0).all()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_tp2_softmax_moments_match_the_full_softmax(tp_results, name):
+    case = CASES[name]
+    hidden, weight, labels, _, _ = make_case(case)
+    log_p = torch.log_softmax(hidden.double() @ weight[:case["vocab_size"]].double().t() / case["temperature"], -1)
+    valid = labels != -100
+    p_squared = log_p.exp().square()
+    want = {"sum_p2": p_squared.sum(-1) * valid, "sum_p2_log_p": (p_squared * log_p).sum(-1) * valid}
+    for rank, result in enumerate(r[name] for r in tp_results):
+        for key, value in want.items():
+            torch.testing.assert_close(result["moments"][key], value.float(), atol=1e-7, rtol=1e-5,
+                                       msg=lambda m: f"rank {rank} {key}: {m}")

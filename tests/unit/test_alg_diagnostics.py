@@ -137,3 +137,78 @@ def test_algorithm_package_never_imports_megatron():
             assert not any(name.split(".")[0] == "megatron" for name in names), f"{path.name} imports {names}"
     code = "import sys, megatron_gppo.algorithm; sys.exit(any(m.split('.')[0] == 'megatron' for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def _tabular_setup(seed: int = 0):
+    """A tabular softmax policy (4 states x 50 actions, fp64) and 96 sampled tokens in every CE-GPPO region."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(4, 50, generator=gen, dtype=torch.float64) * 2.0
+    states = torch.randint(0, 4, (1, 96), generator=gen)
+    actions = torch.multinomial(torch.softmax(logits, -1)[states[0]], 1, generator=gen).T  # [1, 96]
+    # The sampling policy: the current one, perturbed so that both clipped regions are populated.
+    old_log_probs = torch.log_softmax(logits, -1)[states, actions] + torch.randn(1, 96, generator=gen,
+                                                                                  dtype=torch.float64) * 0.5
+    advantages = torch.randn(1, 96, generator=gen, dtype=torch.float64)
+    return logits, states, actions, old_log_probs, advantages
+
+
+def _token_stats(logits, states, actions):
+    log_p = torch.log_softmax(logits, -1)
+    p = log_p.exp()
+    entropy = -(p * log_p).sum(-1)
+    return {"log_probs": log_p[states, actions], "entropy": entropy[states],
+            "sum_p2": p.square().sum(-1)[states], "sum_p2_log_p": (p.square() * log_p).sum(-1)[states]}
+
+
+HPARAMS = {"eps_low": 0.2, "eps_high": 0.2, "beta1": 0.7, "beta2": 1.3}
+
+
+def test_predicted_entropy_change_matches_an_sgd_step_per_region():
+    """fp64 tabular policy: one plain SGD step on the logits changes sum_s H(s) by lr * sum_t g_t S_t."""
+    from megatron_gppo.algorithm.diagnostics import entropy_sensitivity
+    from megatron_gppo.algorithm.losses import POLICY_LOSSES, compute_policy_loss
+
+    logits, states, actions, old_log_probs, advantages = _tabular_setup()
+    mask = torch.ones_like(advantages, dtype=torch.bool)
+    stats = _token_stats(logits, states, actions)
+    _, metrics = compute_policy_loss("ce_gppo", log_probs=stats["log_probs"], old_log_probs=old_log_probs,
+                                     advantages=advantages, loss_mask=mask,
+                                     entropy_sensitivity=entropy_sensitivity(**stats), **HPARAMS)
+    regions = POLICY_LOSSES["ce_gppo"](log_probs=stats["log_probs"], old_log_probs=old_log_probs,
+                                       advantages=advantages, loss_mask=mask, **HPARAMS)
+    low, high = regions.clipped_low, regions.clipped_high
+    assert low.sum() >= 5 and high.sum() >= 5 and (~(low | high)).sum() >= 5
+    for name, tokens in (("inside", ~(low | high)), ("low", low), ("high", high), ("", mask)):
+        predicted = metrics["predicted_entropy_change" + (f"_{name}" if name else "")] * mask.sum().item()
+        errors = []
+        for lr in (1e-3, 1e-4):
+            params = logits.clone().requires_grad_()
+            log_probs = torch.log_softmax(params, -1)[states, actions]
+            token_loss = POLICY_LOSSES["ce_gppo"](log_probs=log_probs, old_log_probs=old_log_probs,
+                                                  advantages=advantages, loss_mask=mask, **HPARAMS).loss
+            (grad,) = torch.autograd.grad(token_loss[tokens].sum(), params)
+            after = logits - lr * grad
+            measured = (_entropy(after) - _entropy(logits)).sum().item() / lr
+            errors.append(abs(measured - predicted) / abs(predicted))
+        assert errors[0] < 0.01, (name, errors)
+        assert errors[1] < errors[0] / 5, (name, errors)  # first order: the error shrinks with the step
+    # The beta derivatives: the clipped regions' predicted change is linear in each beta.
+    assert metrics["entropy_sensitivity_beta1"] * HPARAMS["beta1"] == pytest.approx(
+        metrics["predicted_entropy_change_low"], rel=1e-9)
+    assert metrics["entropy_sensitivity_beta2"] * HPARAMS["beta2"] == pytest.approx(
+        metrics["predicted_entropy_change_high"], rel=1e-9)
+
+
+def _entropy(logits):
+    log_p = torch.log_softmax(logits, -1)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+def test_entropy_sensitivity_signs():
+    """Pushing down a likely token flattens p (S > 0); pushing down an unlikely one sharpens it (S < 0)."""
+    from megatron_gppo.algorithm.diagnostics import entropy_sensitivity
+
+    logits = torch.tensor([[4.0, 1.0, 0.0, -1.0]], dtype=torch.float64)
+    stats = _token_stats(logits, torch.zeros(1, 2, dtype=torch.long), torch.tensor([[0, 3]]))
+    likely, unlikely = entropy_sensitivity(**stats)[0].tolist()
+    assert likely > 0 > unlikely

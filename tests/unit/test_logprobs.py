@@ -243,3 +243,15 @@ def test_softmax_moments_match_the_full_softmax(tiles):
     torch.testing.assert_close(got.sum_p2, (sum_p2 * valid).float(), atol=0, rtol=1e-5)
     torch.testing.assert_close(got.sum_p2_log_p, (sum_p2_log_p * valid).float(), atol=1e-6, rtol=1e-5)
     assert 1 / VOCAB <= got.sum_p2[valid].min() and got.sum_p2.max() <= 1
+
+
+def test_softmax_moments_give_the_log_probs_bit_for_bit():
+    """The trainer's recompute switched to the moments pass: its log-probs and entropy must not move."""
+    from megatron_gppo.model.logprobs import vocab_parallel_softmax_moments
+
+    hidden, weight, labels, _, _ = make_inputs()
+    log_probs, entropy = vocab_parallel_log_probs(hidden, weight, labels, temperature=0.7, chunk_size=CHUNK,
+                                                  block_size=BLOCK)
+    moments = vocab_parallel_softmax_moments(hidden, weight, labels, temperature=0.7, chunk_size=CHUNK,
+                                             block_size=BLOCK)
+    assert torch.equal(moments.log_probs, log_probs.detach()) and torch.equal(moments.entropy, entropy.detach())
