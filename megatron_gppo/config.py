@@ -203,8 +203,14 @@ class BetaScheduleConfig(Section):
     entropy_high: float = Field(0.0, ge=0)
     """entropy_target: upper edge of the entropy band (nats per token)."""
 
-    adjust_rate: float = Field(EntropyTargetController.step_size, ge=0)
-    """entropy_target: how much a beta moves per step while entropy is outside the band."""
+    proportional_gain: float = Field(EntropyTargetController.proportional_gain, ge=0)
+    """entropy_target: beta moved per nat of change in the entropy's distance from the band."""
+
+    integral_gain: float = Field(EntropyTargetController.integral_gain, ge=0)
+    """entropy_target: beta moved per step per nat of distance from the band."""
+
+    sign: Literal["measured", "paper"] = "measured"
+    """entropy_target: which way each beta moves the entropy: measured every step (entropy_sensitivity_beta1/2), or the paper's (beta1 lowers it, beta2 raises it) for comparison."""
 
     beta_min: float = _loss_hparam("beta1", default=EntropyTargetController.beta1_bounds[0])
     """entropy_target: lower bound for both betas."""

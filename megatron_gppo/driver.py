@@ -57,7 +57,8 @@ def beta_schedule_from_config(config: RunConfig):
                                   start=start, end=after)
     bounds = (sched.beta_min, sched.beta_max)
     return make_beta_schedule("entropy_target", low=sched.entropy_low, high=sched.entropy_high, initial=start,
-                              step_size=sched.adjust_rate, beta1_bounds=bounds, beta2_bounds=bounds)
+                              proportional_gain=sched.proportional_gain, integral_gain=sched.integral_gain,
+                              sign=sched.sign, beta1_bounds=bounds, beta2_bounds=bounds)
 
 
 def cpu_threads_per_process(config: RunConfig) -> int:
@@ -133,7 +134,9 @@ class Driver:
         if extra:
             self.sampler.load_state_dict(extra["sampler"])
             self.betas.load_state_dict(extra["beta_schedule"])
+        # What the beta schedule steers by: the last step's entropy and the betas' measured effect on it.
         self.last_entropy = extra.get("last_entropy")
+        self.last_sensitivities = extra.get("last_sensitivities")
         self.reward = MathReward(num_workers=config.reward.num_workers, timeout_s=config.reward.timeout_s,
                                  format_penalty=config.reward.format_penalty)
         self.sampling = SamplingParams.from_config(config.rollout)
@@ -165,7 +168,7 @@ class Driver:
 
     def collect_rollouts(self, step: int) -> RolloutBatch:
         """Generate, score and filter this step's samples (seeded by the step, so a resume repeats them)."""
-        beta1, beta2 = self.betas.betas(step, entropy=self.last_entropy)
+        beta1, beta2 = self.betas.betas(step, entropy=self.last_entropy, sensitivities=self.last_sensitivities)
         alg = self.config.algorithm
         sampling = replace(self.sampling, seed=mix_seed(self.config.train.seed, step))
         experience = collect_experience(
@@ -204,6 +207,7 @@ class Driver:
     def finish_step(self, step: int, metrics: dict[str, float]) -> None:
         metrics.update(self.maybe_evaluate(step))
         self.last_entropy = metrics.get("entropy")
+        self.last_sensitivities = [metrics.get("entropy_sensitivity_beta1"), metrics.get("entropy_sensitivity_beta2")]
         self.logger.log(step, metrics)
 
     def stop_reason(self, *, next_step_s: float) -> str:
@@ -218,7 +222,7 @@ class Driver:
 
     def state_dict(self) -> dict[str, Any]:
         return {"sampler": self.sampler.state_dict(), "beta_schedule": self.betas.state_dict(),
-                "last_entropy": self.last_entropy}
+                "last_entropy": self.last_entropy, "last_sensitivities": self.last_sensitivities}
 
     def close(self) -> None:
         from megatron_gppo.plots import write_run_plots

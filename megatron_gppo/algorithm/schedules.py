@@ -2,18 +2,22 @@
 
 Every schedule has the same small interface:
 
-    schedule.betas(step, *, entropy=None) -> (beta1, beta2)
+    schedule.betas(step, *, entropy=None, sensitivities=None) -> (beta1, beta2)
     schedule.state_dict() -> dict           # save with the checkpoint
     schedule.load_state_dict(state)         # restore on resume
 
 Call `betas` once per training step, before computing that step's loss.
 `entropy` is the most recent measured mean token entropy (e.g. the previous
-step's `entropy` metric); only the entropy-target controller reads it.
+step's `entropy` metric) and `sensitivities` the previous step's
+`(entropy_sensitivity_beta1, entropy_sensitivity_beta2)`; only the
+entropy-target controller reads them.
 
 Direction of the knobs (paper section 5.1): a larger beta1 amplifies the
 gradient of clipped negative-advantage low-probability tokens and LOWERS
 entropy; a larger beta2 amplifies clipped positive-advantage low-probability
-tokens and RAISES entropy. The paper's 7B run switches (beta1, beta2) from
+tokens and RAISES entropy. That reading assumes the clipped tokens are
+low-probability ones; the entropy-target controller measures the direction
+instead (see its docstring). The paper's 7B run switches (beta1, beta2) from
 (0, 1) to (0.5, 1) at step 585: `StepSwitch(585, before=(0, 1), after=(0.5, 1))`.
 """
 
@@ -75,7 +79,7 @@ class ConstantBetas(_Stateless):
     def __post_init__(self) -> None:
         self.beta1, self.beta2 = _pair((self.beta1, self.beta2), name="(beta1, beta2)")
 
-    def betas(self, step: int, *, entropy: float | None = None) -> BetaPair:
+    def betas(self, step: int, **feedback: Any) -> BetaPair:
         return self.beta1, self.beta2
 
 
@@ -94,7 +98,7 @@ class StepSwitch(_Stateless):
         self.before = _pair(self.before, name="before")
         self.after = _pair(self.after, name="after")
 
-    def betas(self, step: int, *, entropy: float | None = None) -> BetaPair:
+    def betas(self, step: int, **feedback: Any) -> BetaPair:
         return self.before if step < self.switch_step else self.after
 
 
@@ -117,39 +121,70 @@ class LinearRamp(_Stateless):
         self.start = _pair(self.start, name="start")
         self.end = _pair(self.end, name="end")
 
-    def betas(self, step: int, *, entropy: float | None = None) -> BetaPair:
+    def betas(self, step: int, **feedback: Any) -> BetaPair:
         fraction = min(max((step - self.start_step) / (self.end_step - self.start_step), 0.0), 1.0)
         beta1 = self.start[0] + fraction * (self.end[0] - self.start[0])
         beta2 = self.start[1] + fraction * (self.end[1] - self.start[1])
         return beta1, beta2
 
 
+# d entropy / d beta by the paper's reading (section 5.1): beta1 lowers it, beta2 raises it.
+PAPER_SIGNS = (-1.0, 1.0)
+
+
 @dataclass
 class EntropyTargetController:
-    """Nudge the betas to keep entropy inside the band [low, high].
+    """Closed-loop control of the entropy into the band [low, high], steering each beta the measured way.
 
-    Entropy above `high`: beta1 += step_size, beta2 -= step_size (both push
-    entropy down). Below `low`: the opposite. Inside the band: unchanged. Each
-    beta is then clipped to its bounds; equal bounds freeze that beta. At most
-    one update per step, so calling `betas` twice for a step is harmless.
+    Each step the error is the distance of the last measured entropy from the
+    band (0 inside it: a dead band). A PI law in velocity form turns it into
+    a wanted entropy move, du = proportional_gain * (e - e_prev) +
+    integral_gain * e, and each beta moves against it along its own
+    direction: beta_i -= du * sign(dH/dbeta_i), clipped to its bounds (the
+    betas themselves carry the integral, so a beta held at a bound does not
+    wind up).
+
+    sign(dH/dbeta_i) is measured: `entropy_sensitivity_beta1/2`
+    (`diagnostics.predicted_entropy_change`), smoothed over steps by an EMA.
+    While an EMA is within its noise (|mean| < 2 x the EMA's own standard
+    deviation, sqrt(var * a / (2 - a)) for an EMA factor a of independent
+    steps), or with `sign="paper"`, the paper's sign is used instead
+    (`PAPER_SIGNS`): `sign="paper"` is the fixed-sign controller, kept for
+    comparison. At most one update per step, so calling `betas` twice for a
+    step is harmless.
     """
 
     low: float
     high: float
     _: KW_ONLY
     initial: BetaPair = (hparam_default("beta1"), hparam_default("beta2"))
-    step_size: float = 0.05
+    proportional_gain: float = 20.0
+    """Beta moved per nat of change in the error."""
+    integral_gain: float = 5.0
+    """Beta moved per step per nat of error."""
     beta1_bounds: BetaPair = (0.0, 2.0)
     beta2_bounds: BetaPair = (0.0, 2.0)
+    sign: str = "measured"
+    """"measured": each beta's direction from its sensitivity; "paper": always `PAPER_SIGNS`."""
+    sensitivity_ema: float = 0.2
     kind = "entropy_target"
     _current: BetaPair = field(init=False, repr=False)
     _last_update_step: int | None = field(init=False, repr=False, default=None)
+    _last_error: float = field(init=False, repr=False, default=0.0)
+    _sensitivity_mean: list[float] = field(init=False, repr=False, default_factory=lambda: [0.0, 0.0])
+    _sensitivity_var: list[float] = field(init=False, repr=False, default_factory=lambda: [0.0, 0.0])
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.low) and math.isfinite(self.high) and self.low < self.high):
             raise ValueError(f"entropy band needs finite low < high, got low={self.low!r} high={self.high!r}")
-        if not (math.isfinite(self.step_size) and self.step_size >= 0):
-            raise ValueError(f"step_size must be a number >= 0, got {self.step_size!r}")
+        for name in ("proportional_gain", "integral_gain"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if self.sign not in ("measured", "paper"):
+            raise ValueError(f"sign must be 'measured' or 'paper', got {self.sign!r}")
+        if not 0 < self.sensitivity_ema <= 1:
+            raise ValueError(f"sensitivity_ema must be in (0, 1], got {self.sensitivity_ema!r}")
         self.initial = _pair(self.initial, name="initial")
         self.beta1_bounds = _pair(self.beta1_bounds, name="beta1_bounds")
         self.beta2_bounds = _pair(self.beta2_bounds, name="beta2_bounds")
@@ -163,28 +198,52 @@ class EntropyTargetController:
                 raise ValueError(f"initial {name} {value} is outside its bounds [{lower}, {upper}]")
         self._current = self.initial
 
-    def betas(self, step: int, *, entropy: float | None = None) -> BetaPair:
+    def betas(self, step: int, *, entropy: float | None = None,
+              sensitivities: Sequence[float | None] | None = None) -> BetaPair:
         already_updated = self._last_update_step is not None and step <= self._last_update_step
         if entropy is None or already_updated:
             return self._current
-        direction = 0.0
-        if entropy > self.high:
-            direction = 1.0
-        elif entropy < self.low:
-            direction = -1.0
-        beta1 = _clip(self._current[0] + direction * self.step_size, self.beta1_bounds)
-        beta2 = _clip(self._current[1] - direction * self.step_size, self.beta2_bounds)
-        self._current = (beta1, beta2)
+        if sensitivities is not None:
+            self._observe(sensitivities)
+        error = entropy - self.high if entropy > self.high else entropy - self.low if entropy < self.low else 0.0
+        wanted = self.proportional_gain * (error - self._last_error) + self.integral_gain * error
+        self._last_error = error
+        bounds = (self.beta1_bounds, self.beta2_bounds)
+        self._current = tuple(_clip(beta - wanted * direction, bound)
+                              for beta, direction, bound in zip(self._current, self.directions(), bounds))
         self._last_update_step = step
         return self._current
 
+    def directions(self) -> BetaPair:
+        """The sign of d entropy / d beta1 and d beta2 the controller acts on."""
+        if self.sign == "paper":
+            return PAPER_SIGNS
+        a = self.sensitivity_ema
+        noise = [2 * math.sqrt(var * a / (2 - a)) for var in self._sensitivity_var]
+        return tuple(math.copysign(1.0, mean) if abs(mean) > band and mean != 0 else paper
+                     for mean, band, paper in zip(self._sensitivity_mean, noise, PAPER_SIGNS))
+
+    def _observe(self, sensitivities: Sequence[float | None]) -> None:
+        a = self.sensitivity_ema
+        for i, value in enumerate(sensitivities):
+            if value is None or not math.isfinite(value):
+                continue
+            deviation = value - self._sensitivity_mean[i]
+            self._sensitivity_mean[i] += a * deviation
+            self._sensitivity_var[i] = (1 - a) * (self._sensitivity_var[i] + a * deviation**2)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "betas": list(self._current), "last_update_step": self._last_update_step}
+        return {"kind": self.kind, "betas": list(self._current), "last_update_step": self._last_update_step,
+                "last_error": self._last_error, "sensitivity_mean": list(self._sensitivity_mean),
+                "sensitivity_var": list(self._sensitivity_var)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _check_kind(state, self.kind)
         self._current = _pair(state["betas"], name="betas")
         self._last_update_step = state["last_update_step"]
+        self._last_error = float(state.get("last_error", 0.0))
+        self._sensitivity_mean = [float(v) for v in state.get("sensitivity_mean", (0.0, 0.0))]
+        self._sensitivity_var = [float(v) for v in state.get("sensitivity_var", (0.0, 0.0))]
 
 
 def _clip(value: float, bounds: BetaPair) -> float:

@@ -1,5 +1,7 @@
 """Beta schedules: each kind, the entropy controller's direction and bounds, resume state, the factory."""
 
+import random
+
 import pytest
 
 from megatron_gppo.algorithm.schedules import (BETA_SCHEDULES, ConstantBetas, EntropyTargetController, LinearRamp,
@@ -26,30 +28,62 @@ def test_linear_ramp():
     assert schedule.betas(200) == schedule.betas(10_000) == (1.0, 0.5)
 
 
-def test_entropy_controller_moves_the_betas_the_right_way():
-    controller = EntropyTargetController(0.3, 0.6, initial=(0.5, 1.0), step_size=0.1)
-    # Too much entropy: raise beta1 (lowers entropy) and lower beta2.
-    assert controller.betas(0, entropy=0.9) == pytest.approx((0.6, 0.9))
-    # Inside the band: unchanged.
-    assert controller.betas(1, entropy=0.45) == pytest.approx((0.6, 0.9))
-    # Too little entropy: lower beta1, raise beta2.
-    assert controller.betas(2, entropy=0.1) == pytest.approx((0.5, 1.0))
-    assert controller.betas(3, entropy=0.1) == pytest.approx((0.4, 1.1))
+def test_entropy_controller_follows_the_paper_signs_until_a_sensitivity_is_measured():
+    controller = EntropyTargetController(0.3, 0.6, initial=(0.5, 1.0), proportional_gain=0.0, integral_gain=1.0)
+    # 0.3 nats too much entropy, no measurement yet: raise beta1 (the paper: lowers entropy), lower beta2.
+    assert controller.betas(0, entropy=0.9) == pytest.approx((0.8, 0.7))
+    # Inside the band: unchanged (dead band).
+    assert controller.betas(1, entropy=0.45) == pytest.approx((0.8, 0.7))
+    # 0.2 nats too little: the other way.
+    assert controller.betas(2, entropy=0.1) == pytest.approx((0.6, 0.9))
     # No measurement: unchanged.
-    assert controller.betas(4) == pytest.approx((0.4, 1.1))
+    assert controller.betas(3) == pytest.approx((0.6, 0.9))
+
+
+def test_entropy_controller_steers_by_the_measured_sign():
+    """Where beta1 raises entropy (as on the demo), too much entropy must LOWER beta1; the paper's sign raises it."""
+    measured = EntropyTargetController(0.3, 0.6, initial=(0.5, 1.0), proportional_gain=0.0, integral_gain=1.0)
+    paper = EntropyTargetController(0.3, 0.6, initial=(0.5, 1.0), proportional_gain=0.0, integral_gain=1.0,
+                                    sign="paper")
+    rng = random.Random(0)
+    for step in range(30):  # steady measurements: dH/dbeta1 > 0, dH/dbeta2 > 0, with noise
+        sensitivities = (0.02 + rng.gauss(0, 0.01), 0.05 + rng.gauss(0, 0.01))
+        measured.betas(step, entropy=0.45, sensitivities=sensitivities)
+        paper.betas(step, entropy=0.45, sensitivities=sensitivities)
+    assert measured.directions() == (1.0, 1.0) and paper.directions() == (-1.0, 1.0)
+    assert measured.betas(30, entropy=0.7) == pytest.approx((0.4, 0.9))
+    assert paper.betas(30, entropy=0.7) == pytest.approx((0.6, 0.9))
+
+
+def test_entropy_controller_ignores_a_sensitivity_within_its_noise():
+    controller = EntropyTargetController(0.3, 0.6)
+    rng = random.Random(1)
+    for step in range(50):  # beta1's effect is zero on average, beta2's is clearly negative
+        controller.betas(step, entropy=0.45, sensitivities=(rng.gauss(0, 0.05), -0.05 + rng.gauss(0, 0.01)))
+    assert controller.directions() == (-1.0, -1.0)
+
+
+def test_entropy_controller_pi_law():
+    controller = EntropyTargetController(0.3, 0.6, initial=(1.0, 1.0), proportional_gain=2.0, integral_gain=0.5,
+                                         sign="paper")
+    # e = 0.1: du = 2 * (0.1 - 0) + 0.5 * 0.1 = 0.25; then e = 0.1 again: du = 0 + 0.05.
+    assert controller.betas(0, entropy=0.7) == pytest.approx((1.25, 0.75))
+    assert controller.betas(1, entropy=0.7) == pytest.approx((1.30, 0.70))
+    # Back in the band: the proportional part unwinds, the integral part stays.
+    assert controller.betas(2, entropy=0.5) == pytest.approx((1.10, 0.90))
 
 
 def test_entropy_controller_updates_once_per_step():
-    controller = EntropyTargetController(0.3, 0.6, step_size=0.1)
-    first = controller.betas(7, entropy=1.0)
-    assert controller.betas(7, entropy=1.0) == first
-    assert controller.betas(6, entropy=1.0) == first
-    assert controller.betas(8, entropy=1.0) != first
+    controller = EntropyTargetController(0.3, 0.6, proportional_gain=0.0, integral_gain=1.0)
+    first = controller.betas(7, entropy=0.7)
+    assert controller.betas(7, entropy=0.7) == first
+    assert controller.betas(6, entropy=0.7) == first
+    assert controller.betas(8, entropy=0.7) != first
 
 
 def test_entropy_controller_stays_within_bounds():
     controller = EntropyTargetController(
-        0.3, 0.6, initial=(0.5, 1.0), step_size=0.2, beta1_bounds=(0.0, 1.0), beta2_bounds=(0.8, 1.2)
+        0.3, 0.6, initial=(0.5, 1.0), integral_gain=0.5, beta1_bounds=(0.0, 1.0), beta2_bounds=(0.8, 1.2)
     )
     for step in range(20):
         beta1, beta2 = controller.betas(step, entropy=5.0)
@@ -62,15 +96,16 @@ def test_entropy_controller_stays_within_bounds():
 
 
 def test_entropy_controller_state_round_trip():
-    controller = EntropyTargetController(0.3, 0.6, step_size=0.1)
+    controller = EntropyTargetController(0.3, 0.6)
     for step in range(3):
-        controller.betas(step, entropy=0.9)
+        controller.betas(step, entropy=0.9, sensitivities=(0.1 * step, -0.2))
     state = controller.state_dict()
-    resumed = EntropyTargetController(0.3, 0.6, step_size=0.1)
+    resumed = EntropyTargetController(0.3, 0.6)
     assert resumed.betas(2) != controller.betas(2)
     resumed.load_state_dict(state)
     assert resumed.betas(2, entropy=0.9) == controller.betas(2, entropy=0.9)  # step 2 already applied
-    assert resumed.betas(3, entropy=0.1) == controller.betas(3, entropy=0.1)
+    assert resumed.betas(3, entropy=0.1, sensitivities=(0.3, -0.2)) == controller.betas(
+        3, entropy=0.1, sensitivities=(0.3, -0.2))
     assert resumed.state_dict() == controller.state_dict()
 
 
@@ -100,7 +135,8 @@ def test_factory_builds_every_kind():
     assert make_beta_schedule("constant", beta1=0.25).betas(0) == (0.25, 1.0)
     assert make_beta_schedule("step", switch_step=585, before=[0, 1], after=[0.5, 1]).betas(600) == (0.5, 1.0)
     assert make_beta_schedule("linear", start_step=0, end_step=4, end=(1.0, 1.0)).betas(2) == pytest.approx((0.5, 1.0))
-    assert make_beta_schedule("entropy_target", low=0.2, high=0.4).betas(0, entropy=0.0) == pytest.approx((0.45, 1.05))
+    # 0.2 below the band: du = (20 + 5) * -0.2 = -5 moves the betas to their bounds the paper's way.
+    assert make_beta_schedule("entropy_target", low=0.2, high=0.4).betas(0, entropy=0.0) == pytest.approx((0.0, 2.0))
 
 
 @pytest.mark.parametrize(
