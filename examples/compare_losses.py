@@ -35,6 +35,21 @@ def runs(beta1s: list[float], beta2s: list[float] = (1.0,), ppo: bool = True) ->
     return table
 
 
+def train_demo_rl(run: Path, *, output_dir: Path, steps: int, overrides: list[str], label: str) -> None:
+    """The demo's RL stage from `run`'s SFT model into `output_dir` (a finished run returns at once)."""
+    data, sft_hf = run / "data", run / "sft" / "hf"
+    if not (sft_hf / "config.json").exists():
+        raise SystemExit(f"{sft_hf} is missing: run `python examples/demo_cpu.py --run-dir {run}` first")
+    command = [sys.executable, "-m", "megatron_gppo.cli", "train", str(EXAMPLES / "configs" / "demo_cpu.yaml"),
+               f"model.hf_path={sft_hf}", f"data.train_path={data / 'train.jsonl'}",
+               f"data.eval_path={data / 'eval.jsonl'}", f"train.output_dir={output_dir}",
+               f"train.max_steps={steps}", "logging.wandb_mode=disabled", "logging.progress=false", *overrides]
+    print(f"+ {label}: megatron-gppo train ... {' '.join(overrides)}", flush=True)
+    start = time.monotonic()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    print(f"  {time.monotonic() - start:.0f} s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", default="runs/demo")
@@ -46,22 +61,13 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides shared by every run")
     args = parser.parse_args()
     run = Path(args.run_dir)
-    data, sft_hf = run / "data", run / "sft" / "hf"
-    if not (sft_hf / "config.json").exists():
-        raise SystemExit(f"{sft_hf} is missing: run `python examples/demo_cpu.py --run-dir {run}` first")
     out = run / args.out
     dirs = {}
     for label, overrides in runs([float(b) for b in args.beta1.split(",")], [float(b) for b in args.beta2.split(",")],
                                  ppo=not args.no_ppo).items():
         dirs[label] = out / label.replace(" ", "_").replace("=", "")
-        command = [sys.executable, "-m", "megatron_gppo.cli", "train", str(EXAMPLES / "configs" / "demo_cpu.yaml"),
-                   f"model.hf_path={sft_hf}", f"data.train_path={data / 'train.jsonl'}",
-                   f"data.eval_path={data / 'eval.jsonl'}", f"train.output_dir={dirs[label]}",
-                   f"train.max_steps={args.steps}", "logging.wandb_mode=disabled", "logging.progress=false", *args.overrides, *overrides]
-        print(f"+ {label}: megatron-gppo train ... {' '.join(overrides)}", flush=True)
-        start = time.monotonic()
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        print(f"  {time.monotonic() - start:.0f} s", flush=True)
+        train_demo_rl(run, output_dir=dirs[label], steps=args.steps, overrides=[*args.overrides, *overrides],
+                      label=label)
     compare_runs(dirs, key="entropy", output=out / "entropy.png", title="Policy entropy on its own samples",
                  ylabel="nats per response token")
     compare_runs(dirs, key="eval_accuracy", output=out / "eval_accuracy.png", title="Held-out accuracy (avg@k)",

@@ -424,6 +424,9 @@ class LoggingConfig(Section):
     plots: bool = True
     """Write PNG plots of reward, eval score, entropy, clip fractions, betas and response length to plots/."""
 
+    realized_entropy_change: bool = False
+    """One more forward pass per step: the entropy of the step's own samples after its updates minus before (`realized_entropy_change`), to check `predicted_entropy_change` against."""
+
 
 class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -141,3 +141,27 @@ def compare_runs(runs: dict[str, str | Path], *, key: str, output: str | Path, t
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     return _save(plt, figure, output)
+
+
+def entropy_control_figure(runs: dict[str, str | Path], *, band: tuple[float, float], output: str | Path) -> Path:
+    """Entropy of several runs against a target band (top) and their betas over time (bottom), in one PNG."""
+    plt = _pyplot()
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), dpi=100, sharex=True)
+    top.axhspan(*band, color="green", alpha=0.12, label=f"target band [{band[0]:g}, {band[1]:g}]")
+    for index, (label, run_dir) in enumerate(runs.items()):
+        records = read_metrics(Path(run_dir) / "metrics.jsonl")
+        color = f"C{index}"
+        top.plot(*_series(records, "entropy"), color=color, label=label)
+        bottom.plot(*_series(records, "beta1"), color=color, label=f"{label}: beta1")
+        bottom.plot(*_series(records, "beta2"), color=color, linestyle="--", label=f"{label}: beta2")
+    top.set_title("Policy entropy on its own samples")
+    top.set_ylabel("nats per response token")
+    bottom.set_title("CE-GPPO betas (solid: beta1, dashed: beta2)")
+    bottom.set_xlabel("training step")
+    bottom.set_ylabel("gradient scale of clipped tokens")
+    for axes in (top, bottom):
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="x-small")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return _save(plt, figure, output)

@@ -97,6 +97,10 @@ def train_on_batch(policy: Policy, rollouts: RolloutBatch, *, config: RunConfig)
                                             loss_hparams=hparams, temperature=temperature,
                                             micro_batch_size=micro_batch_size)
                for _ in range(config.train.num_epochs) for minibatch in mine.minibatches]
+    if config.logging.realized_entropy_change:
+        _, entropy_after = policy.compute_log_probs(batch, temperature=temperature, micro_batch_size=micro_batch_size)
+        after = masked_mean_over_dp(entropy_after, batch.loss_mask.to(entropy_after.device), policy)
+        sampled["realized_entropy_change"] = after - sampled["entropy"]
     return {
         **combine_metrics(result.metrics for result in updates),
         # After the loss's metrics: with an entropy bonus the loss also reports the entropy it saw

@@ -1,0 +1,73 @@
+"""Hold the demo's entropy in a band: the measured-sign controller vs the fixed-sign one vs constant betas.
+
+Every run starts from the demo's SFT model (run `examples/demo_cpu.py`
+first) at the beta1-sweep settings of the README (two minibatches, lr 2e-4):
+`algorithm.beta_schedule.kind=entropy_target` with `sign=measured` (each
+beta moved the way its measured `entropy_sensitivity_beta*` says) and with
+`sign=paper` (beta1 lowers entropy, beta2 raises it, always), and constant
+betas for reference. Per seed it prints the share of steps 20-100 whose
+entropy is inside the band, and draws the entropy curves with the band and
+the betas over time to `<run-dir>/<out>/seed<N>.png`. Finished runs are
+reused, so a second call only redraws.
+
+    python examples/entropy_control.py --band 0.11,0.14 --seeds 1234,1
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from compare_losses import train_demo_rl
+
+from megatron_gppo.metrics import read_metrics
+from megatron_gppo.plots import entropy_control_figure
+
+SWEEP_SETTINGS = ["train.num_minibatches=2", "train.lr=2e-4", "algorithm.loss=ce_gppo"]
+
+
+def in_band_share(run_dir: Path, band: tuple[float, float], *, first_step: int = 20) -> float:
+    values = [r["entropy"] for r in read_metrics(run_dir / "metrics.jsonl")
+              if "entropy" in r and r["step"] >= first_step]
+    return sum(band[0] <= v <= band[1] for v in values) / len(values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", default="runs/demo")
+    parser.add_argument("--out", default="entropy_control", help="subdirectory of --run-dir for these runs")
+    parser.add_argument("--band", default="0.11,0.14", help="entropy_low,entropy_high in nats per token")
+    parser.add_argument("--seeds", default="1234,1")
+    parser.add_argument("--constant-beta1", default="0,0.5,1", help="constant-beta runs to compare with (beta2=1)")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides shared by every run")
+    args = parser.parse_args()
+    run, low_high = Path(args.run_dir), [float(x) for x in args.band.split(",")]
+    band = (low_high[0], low_high[1])
+    controller = ["algorithm.beta_schedule.kind=entropy_target", f"algorithm.beta_schedule.entropy_low={band[0]}",
+                  f"algorithm.beta_schedule.entropy_high={band[1]}"]
+    for seed in args.seeds.split(","):
+        out = run / args.out / f"seed{seed}"
+        runs = {f"constant beta1={b}": [f"algorithm.beta1={b}", "algorithm.beta2=1.0"]
+                for b in args.constant_beta1.split(",")}
+        runs["controller, measured signs"] = [*controller, "algorithm.beta_schedule.sign=measured"]
+        runs["controller, paper signs"] = [*controller, "algorithm.beta_schedule.sign=paper"]
+        dirs = {}
+        for label, overrides in runs.items():
+            dirs[label] = out / label.replace(", ", "_").replace(" ", "_").replace("=", "")
+            train_demo_rl(run, output_dir=dirs[label], steps=args.steps, label=f"seed {seed}, {label}",
+                          overrides=[*SWEEP_SETTINGS, f"train.seed={seed}", *args.overrides, *overrides])
+        shares = {label: in_band_share(path, band) for label, path in dirs.items()}
+        print(f"seed {seed}: share of steps 20-{args.steps} with entropy in [{band[0]}, {band[1]}], and held-out "
+              "accuracy first -> last")
+        for label, path in dirs.items():
+            evals = [r["eval_accuracy"] for r in read_metrics(path / "metrics.jsonl") if "eval_accuracy" in r]
+            print(f"  {label:<28} {shares[label]:>6.0%}   {evals[0]:.1%} -> {evals[-1]:.1%}")
+        best_constant = max((label for label in dirs if label.startswith("constant")), key=shares.get)
+        shown = {label: dirs[label] for label in ("controller, measured signs", "controller, paper signs",
+                                                    best_constant)}
+        print(f"  figure: {entropy_control_figure(shown, band=band, output=out.parent / f'seed{seed}.png')}")
+
+
+if __name__ == "__main__":
+    main()
