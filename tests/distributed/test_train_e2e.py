@@ -12,7 +12,8 @@ from tests._tiny_models import save_tiny_run, tiny_run_overrides
 
 pytestmark = pytest.mark.distributed
 
-CONTRACT_KEYS = {"step", "reward_mean", "entropy", "clip_frac_low", "clip_frac_high", "loss"}
+CONTRACT_KEYS = {"step", "reward_mean", "entropy", "clip_frac_low", "clip_frac_high", "loss",
+                 "predicted_entropy_change", "entropy_sensitivity_beta1", "entropy_sensitivity_beta2"}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,12 @@ def test_run_killed_after_a_checkpoint_resumes_with_identical_metrics(assets, tm
     import os
     import signal
 
-    overrides = ("train.max_steps=4", "checkpoint.save_every=2", "train.eval_every=0")
+    # The entropy controller (a band far above the tiny model's entropy, so the betas move every step) has
+    # state of its own to checkpoint: the betas, its last error, the sensitivities' running statistics.
+    overrides = ("train.max_steps=4", "checkpoint.save_every=2", "train.eval_every=0",
+                 "algorithm.beta_schedule.kind=entropy_target", "algorithm.beta_schedule.entropy_low=8",
+                 "algorithm.beta_schedule.entropy_high=9", "algorithm.beta_schedule.integral_gain=0.01",
+                 "algorithm.beta_schedule.proportional_gain=0", "logging.realized_entropy_change=true")
     reference = tmp_path / "reference"
     result = subprocess.run(train_command(assets, reference, *overrides), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -97,11 +103,13 @@ def test_run_killed_after_a_checkpoint_resumes_with_identical_metrics(assets, tm
     expected = {r["step"]: r for r in read_metrics(reference / "metrics.jsonl")}
     got = {r["step"]: r for r in read_metrics(killed / "metrics.jsonl")}
     assert sorted(got) == sorted(expected) == [0, 1, 2, 3, 4]
+    assert len({expected[step]["beta1"] for step in (1, 2, 3, 4)}) == 4  # the controller acted every step
     for step in (3, 4):
         # Same seeds, same weights, same optimizer state: the same samples and updates.
-        for key in ("reward_mean", "response_length_mean", "num_tokens", "beta1"):
+        for key in ("reward_mean", "response_length_mean", "num_tokens", "beta1", "beta2"):
             assert got[step][key] == expected[step][key], (step, key)
-        for key in ("loss", "entropy", "grad_norm", "clip_frac_low", "approx_kl"):
+        for key in ("loss", "entropy", "grad_norm", "clip_frac_low", "approx_kl", "entropy_sensitivity_beta1",
+                    "realized_entropy_change"):
             assert got[step][key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-7), (step, key)
 
 
