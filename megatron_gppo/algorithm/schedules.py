@@ -146,9 +146,10 @@ class EntropyTargetController:
 
     sign(dH/dbeta_i) is measured: `entropy_sensitivity_beta1/2`
     (`diagnostics.predicted_entropy_change`), smoothed over steps by an EMA.
-    While an EMA is within its noise (|mean| < 2 x the EMA's own standard
-    deviation, sqrt(var * a / (2 - a)) for an EMA factor a of independent
-    steps), or with `sign="paper"`, the paper's sign is used instead
+    Until 2 / a measurements have come in, while an EMA is within its noise
+    (|mean| < 2 x the EMA's own standard deviation, sqrt(var * a / (2 - a))
+    for an EMA factor a of independent steps), or with `sign="paper"`, the
+    paper's sign is used instead
     (`PAPER_SIGNS`): `sign="paper"` is the fixed-sign controller, kept for
     comparison. At most one update per step, so calling `betas` twice for a
     step is harmless.
@@ -173,6 +174,7 @@ class EntropyTargetController:
     _last_error: float = field(init=False, repr=False, default=0.0)
     _sensitivity_mean: list[float] = field(init=False, repr=False, default_factory=lambda: [0.0, 0.0])
     _sensitivity_var: list[float] = field(init=False, repr=False, default_factory=lambda: [0.0, 0.0])
+    _num_observed: list[int] = field(init=False, repr=False, default_factory=lambda: [0, 0])
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.low) and math.isfinite(self.high) and self.low < self.high):
@@ -219,9 +221,13 @@ class EntropyTargetController:
         if self.sign == "paper":
             return PAPER_SIGNS
         a = self.sensitivity_ema
-        noise = [2 * math.sqrt(var * a / (2 - a)) for var in self._sensitivity_var]
-        return tuple(math.copysign(1.0, mean) if abs(mean) > band and mean != 0 else paper
-                     for mean, band, paper in zip(self._sensitivity_mean, noise, PAPER_SIGNS))
+        directions = []
+        for mean, var, count, paper in zip(self._sensitivity_mean, self._sensitivity_var, self._num_observed,
+                                           PAPER_SIGNS):
+            # (The EMA's variance estimate is biased low until it has seen about 2 / a steps.)
+            settled = count >= 2 / a and abs(mean) > 2 * math.sqrt(var * a / (2 - a))
+            directions.append(math.copysign(1.0, mean) if settled else paper)
+        return tuple(directions)
 
     def _observe(self, sensitivities: Sequence[float | None]) -> None:
         a = self.sensitivity_ema
@@ -231,11 +237,12 @@ class EntropyTargetController:
             deviation = value - self._sensitivity_mean[i]
             self._sensitivity_mean[i] += a * deviation
             self._sensitivity_var[i] = (1 - a) * (self._sensitivity_var[i] + a * deviation**2)
+            self._num_observed[i] += 1
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "betas": list(self._current), "last_update_step": self._last_update_step,
                 "last_error": self._last_error, "sensitivity_mean": list(self._sensitivity_mean),
-                "sensitivity_var": list(self._sensitivity_var)}
+                "sensitivity_var": list(self._sensitivity_var), "num_observed": list(self._num_observed)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _check_kind(state, self.kind)
@@ -244,6 +251,7 @@ class EntropyTargetController:
         self._last_error = float(state.get("last_error", 0.0))
         self._sensitivity_mean = [float(v) for v in state.get("sensitivity_mean", (0.0, 0.0))]
         self._sensitivity_var = [float(v) for v in state.get("sensitivity_var", (0.0, 0.0))]
+        self._num_observed = [int(v) for v in state.get("num_observed", (0, 0))]
 
 
 def _clip(value: float, bounds: BetaPair) -> float:

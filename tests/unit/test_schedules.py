@@ -159,3 +159,9 @@ def test_factory_builds_every_kind():
 def test_bad_schedule_arguments_raise(kind, kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_beta_schedule(kind, **kwargs)
+
+
+def test_entropy_controller_does_not_trust_its_first_measurements():
+    controller = EntropyTargetController(0.3, 0.6)
+    controller.betas(0, entropy=0.45, sensitivities=(0.5, -0.5))  # one sample: its noise is unknown
+    assert controller.directions() == (-1.0, 1.0)
