@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_gppo.algorithm import make_beta_schedule
+from megatron_gppo.algorithm.schedules import EntropyTargetController
 from megatron_gppo.batching import PolicyBatch, pack_samples
 from megatron_gppo.config import RunConfig, save_config, to_dict
 from megatron_gppo.data import PromptSampler, encode_prompt, load_prompts, pad_token_id
@@ -31,6 +32,10 @@ logger = logging.getLogger(__name__)
 
 # Evaluation draws its sampling seeds from a stream of its own, apart from the training steps'.
 _EVAL_SEED_OFFSET = 500_009
+
+
+# The entropy controller says once that it cannot reach its band after this many saturated steps.
+SATURATION_WARNING_STEPS = 10
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,6 +174,12 @@ class Driver:
     def collect_rollouts(self, step: int) -> RolloutBatch:
         """Generate, score and filter this step's samples (seeded by the step, so a resume repeats them)."""
         beta1, beta2 = self.betas.betas(step, entropy=self.last_entropy, sensitivities=self.last_sensitivities)
+        if isinstance(self.betas, EntropyTargetController) and self.betas.saturated_steps == SATURATION_WARNING_STEPS:
+            logger.warning("entropy_target: entropy %.4f has been outside [%g, %g] for %d steps with both betas at "
+                           "their bounds (%g, %g): the clipped tokens cannot move it enough here (compare "
+                           "predicted_entropy_change_low/_high with _inside in metrics.jsonl); widen "
+                           "beta_min/beta_max or move the band", self.last_entropy, self.betas.low, self.betas.high,
+                           SATURATION_WARNING_STEPS, beta1, beta2)
         alg = self.config.algorithm
         sampling = replace(self.sampling, seed=mix_seed(self.config.train.seed, step))
         experience = collect_experience(

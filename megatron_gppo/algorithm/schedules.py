@@ -175,6 +175,8 @@ class EntropyTargetController:
     _sensitivity_mean: list[float] = field(init=False, repr=False, default_factory=lambda: [0.0, 0.0])
     _sensitivity_var: list[float] = field(init=False, repr=False, default_factory=lambda: [0.0, 0.0])
     _num_observed: list[int] = field(init=False, repr=False, default_factory=lambda: [0, 0])
+    saturated_steps: int = field(init=False, default=0)
+    """Consecutive steps with the entropy outside the band and both betas at the bound it pushes them to."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.low) and math.isfinite(self.high) and self.low < self.high):
@@ -211,8 +213,13 @@ class EntropyTargetController:
         wanted = self.proportional_gain * (error - self._last_error) + self.integral_gain * error
         self._last_error = error
         bounds = (self.beta1_bounds, self.beta2_bounds)
+        directions = self.directions()
         self._current = tuple(_clip(beta - wanted * direction, bound)
-                              for beta, direction, bound in zip(self._current, self.directions(), bounds))
+                              for beta, direction, bound in zip(self._current, directions, bounds))
+        # Pushing entropy down (error > 0) drives each beta to the bound against its direction.
+        at_bound = all(beta == (bound[1] if -error * direction > 0 else bound[0])
+                       for beta, direction, bound in zip(self._current, directions, bounds))
+        self.saturated_steps = self.saturated_steps + 1 if error != 0 and at_bound else 0
         self._last_update_step = step
         return self._current
 
@@ -242,7 +249,8 @@ class EntropyTargetController:
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "betas": list(self._current), "last_update_step": self._last_update_step,
                 "last_error": self._last_error, "sensitivity_mean": list(self._sensitivity_mean),
-                "sensitivity_var": list(self._sensitivity_var), "num_observed": list(self._num_observed)}
+                "sensitivity_var": list(self._sensitivity_var), "num_observed": list(self._num_observed),
+                "saturated_steps": self.saturated_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _check_kind(state, self.kind)
@@ -252,6 +260,7 @@ class EntropyTargetController:
         self._sensitivity_mean = [float(v) for v in state.get("sensitivity_mean", (0.0, 0.0))]
         self._sensitivity_var = [float(v) for v in state.get("sensitivity_var", (0.0, 0.0))]
         self._num_observed = [int(v) for v in state.get("num_observed", (0, 0))]
+        self.saturated_steps = int(state.get("saturated_steps", 0))
 
 
 def _clip(value: float, bounds: BetaPair) -> float:

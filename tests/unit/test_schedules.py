@@ -165,3 +165,14 @@ def test_entropy_controller_does_not_trust_its_first_measurements():
     controller = EntropyTargetController(0.3, 0.6)
     controller.betas(0, entropy=0.45, sensitivities=(0.5, -0.5))  # one sample: its noise is unknown
     assert controller.directions() == (-1.0, 1.0)
+
+
+def test_entropy_controller_counts_the_steps_it_cannot_act():
+    controller = EntropyTargetController(0.3, 0.6, initial=(0.5, 1.0), integral_gain=1.0, proportional_gain=0.0)
+    # 0.3 nats too little entropy: beta1 0.5 -> 0.2 -> 0, beta2 1.0 -> 1.3 -> 1.6 -> 1.9 -> 2.0 (step 3), then
+    # nothing more to give.
+    for step in range(8):
+        controller.betas(step, entropy=0.0)
+    assert controller.betas(8) == (0.0, 2.0) and controller.saturated_steps == 5
+    controller.betas(8, entropy=0.45)  # back in the band
+    assert controller.saturated_steps == 0
