@@ -73,6 +73,21 @@ class TrainingState:
     path: Path
 
 
+def load_module_state(module: torch.nn.Module, state: Mapping[str, Any]) -> None:
+    """`module.load_state_dict(state, strict=True)`, except that missing `*._extra_state` entries are allowed.
+
+    Transformer Engine's modules report an `_extra_state` key (FP8 metadata)
+    that a checkpoint saved without FP8 may not hold; megatron-LM retries such
+    loads without those keys. Any other missing or unexpected key still fails.
+    """
+    expected = set(module.state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing and not unexpected and all(key.rpartition(".")[2] == "_extra_state" for key in missing):
+        module.load_state_dict(state, strict=False)
+        return
+    module.load_state_dict(state, strict=True)  # raises, naming every missing and unexpected key
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -352,7 +367,7 @@ def load_training_checkpoint(
         for index, chunk in enumerate(model):
             while hasattr(chunk, "module"):
                 chunk = chunk.module
-            chunk.load_state_dict(loaded[f"model{index}"], strict=True)
+            load_module_state(chunk, loaded[f"model{index}"])
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
             _restore_adam_steps(optimizer)
@@ -385,6 +400,6 @@ def resume(
 
 __all__ = [
     "CHECKPOINTS_DIR", "LATEST_FILE", "STATE_FILE", "TrainingState", "checkpoints_root", "find_latest", "latest_step",
-    "list_checkpoints", "load_training_checkpoint", "resolve_checkpoint_dir", "resume", "save_training_checkpoint",
-    "step_dir_name",
+    "list_checkpoints", "load_module_state", "load_training_checkpoint", "resolve_checkpoint_dir", "resume",
+    "save_training_checkpoint", "step_dir_name",
 ]

@@ -74,3 +74,34 @@ def test_output_directory_must_be_new(tmp_path):
     (tmp_path / "meg" / "something").write_text("x")
     with pytest.raises(ValueError, match="already exists and is not empty"):
         convert_hf_to_megatron(hf, tmp_path / "meg", progress=False)
+
+
+class _WithExtraState(torch.nn.Module):
+    """Like Transformer Engine's modules: reports an `_extra_state` entry a checkpoint may lack."""
+
+    def get_extra_state(self):
+        return torch.zeros(0)
+
+    def set_extra_state(self, state):
+        pass
+
+
+class _Layer(_WithExtraState):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+        self.attention = _WithExtraState()
+
+
+def test_resume_tolerates_missing_extra_state_and_nothing_else():
+    from megatron_gppo.checkpoint.training import load_module_state
+
+    source = _Layer()
+    saved = {key: value for key, value in source.state_dict().items() if not key.endswith("_extra_state")}
+    assert {"_extra_state", "attention._extra_state"} <= set(source.state_dict()) - set(saved)
+    target = _Layer()
+    load_module_state(target, saved)
+    assert torch.equal(target.linear.weight, source.linear.weight)
+    for broken in ({k: v for k, v in saved.items() if k != "linear.bias"}, {**saved, "linear.scale": torch.ones(1)}):
+        with pytest.raises(RuntimeError, match="linear"):
+            load_module_state(_Layer(), broken)
