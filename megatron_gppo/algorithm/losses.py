@@ -455,7 +455,6 @@ def _validate(
     _check("entropy", None, entropy_coef == 0 or entropy is not None, "a per-token tensor when entropy_coef != 0")
 
 
-@torch.no_grad()
 def _token_loss_grad(name: str, *, log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
                      loss_mask: torch.Tensor, tis_weights: torch.Tensor | None, **loss_hparams: Any) -> torch.Tensor:
     """d (summed per-token policy loss) / d log_prob, `[batch, response_len]`, on a detached copy of log_probs."""
@@ -469,6 +468,7 @@ def _token_loss_grad(name: str, *, log_probs: torch.Tensor, old_log_probs: torch
     return grad
 
 
+@torch.no_grad()
 def _policy_metrics(
     *,
     token_loss: TokenLoss,
