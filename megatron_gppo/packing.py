@@ -87,25 +87,23 @@ def plan_packed_rows(lengths: Sequence[int], *, row_len: int, rows_per_micro_bat
     return [[rows[r] for r in ranks_rows] + [[] for _ in range(slots - len(ranks_rows))] for ranks_rows in per_rank]
 
 
-def pack_rows(batch: PolicyBatch, rows: Sequence[Sequence[int]], *, row_len: int) -> PolicyBatch:
+def pack_rows(batch: PolicyBatch, rows: Sequence[Sequence[int]], *, lengths: Sequence[int],
+              row_len: int) -> PolicyBatch:
     """`batch`'s samples (one per row, right-padded) laid end to end: packed row i holds samples `rows[i]`.
 
-    Each sample keeps its first `sample_lengths` tokens; the rest of a row is
-    padding (segment 0, never scored).
+    Sample j keeps its first `lengths[j]` tokens (its `sample_lengths`); the
+    rest of a row is padding (segment 0, never scored).
     """
-    lengths = sample_lengths(batch)
-    source_rows, source_cols, segments = [], [], []
-    for row in rows:
-        for segment, sample in enumerate(row, start=1):
-            source_rows += [sample] * lengths[sample]
-            source_cols += range(lengths[sample])
-            segments += [segment] * lengths[sample]
-    counts = [sum(lengths[s] for s in row) for row in rows]
-    assert max(counts, default=0) <= row_len, "a packed row is longer than row_len"
-    dest = torch.zeros((len(rows), row_len), dtype=torch.bool)
-    for r, count in enumerate(counts):
-        dest[r, :count] = True
-    src = (torch.tensor(source_rows, dtype=torch.long), torch.tensor(source_cols, dtype=torch.long))
+    order = torch.tensor([sample for row in rows for sample in row], dtype=torch.long)
+    segments = torch.tensor([segment for row in rows for segment in range(1, len(row) + 1)], dtype=torch.long)
+    sizes = torch.tensor(lengths, dtype=torch.long)[order]
+    # Token k of the packed stream is column k - start(sample) of its sample's row.
+    starts = torch.cumsum(sizes, 0) - sizes
+    source_cols = torch.arange(int(sizes.sum())) - torch.repeat_interleave(starts, sizes)
+    src = (torch.repeat_interleave(order, sizes), source_cols)
+    counts = torch.tensor([sum(lengths[s] for s in row) for row in rows], dtype=torch.long)
+    assert bool((counts <= row_len).all()), "a packed row is longer than row_len"
+    dest = torch.arange(row_len) < counts.unsqueeze(1)  # [rows, row_len]; row-major order matches the stream
 
     def moved(values: torch.Tensor) -> torch.Tensor:
         out = torch.zeros((len(rows), row_len), dtype=values.dtype)
@@ -113,7 +111,7 @@ def pack_rows(batch: PolicyBatch, rows: Sequence[Sequence[int]], *, row_len: int
         return out
 
     segment_ids = torch.zeros((len(rows), row_len), dtype=torch.long)
-    segment_ids[dest] = torch.tensor(segments, dtype=torch.long)
+    segment_ids[dest] = torch.repeat_interleave(segments, sizes)
     tensors = {name: moved(value) for name, value in batch.tensors().items()}
     return replace(batch, **tensors, segment_ids=segment_ids)
 
@@ -241,7 +239,7 @@ def rank_batch(batch: PolicyBatch, *, num_minibatches: int, dp_rank: int, dp_siz
                                 num_ranks=dp_size)[dp_rank]
         segments.append(slice(len(rows), len(rows) + len(plan)))
         rows += [[minibatch.start + i for i in row] for row in plan]
-    return RankBatch(pack_rows(batch, rows, row_len=row_len), segments, rows_per_micro_batch)
+    return RankBatch(pack_rows(batch, rows, lengths=lengths, row_len=row_len), segments, rows_per_micro_batch)
 
 
 def per_sample(batch: PolicyBatch) -> PolicyBatch:

@@ -46,7 +46,7 @@ def test_pack_then_unpack_gives_every_sample_back():
     batch = long_tailed_batch(40)
     lengths = sample_lengths(batch)
     rows = first_fit_decreasing(lengths, capacity=max(lengths))
-    packed = pack_rows(batch, rows, row_len=max(lengths))
+    packed = pack_rows(batch, rows, lengths=lengths, row_len=max(lengths))
     assert packed.num_rows < batch.num_rows / 2
     assert int(packed.loss_mask.sum()) == int(batch.loss_mask.sum())
     unpacked = SampleIndex.of(packed.segment_ids).unpack_batch(packed)
