@@ -79,7 +79,7 @@ class PolicyBatch:
 
 def pad_rows(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *, pad_id: int) -> PolicyBatch:
     """Prompt + response rows, right-padded with `pad_id`; the response tokens are the loss mask."""
-    assert prompts and len(prompts) == len(responses), "pack needs one response per prompt"
+    assert prompts and len(prompts) == len(responses), "pad_rows needs one response per prompt"
     max_len = max(len(p) + len(r) for p, r in zip(prompts, responses))
     tokens = torch.full((len(prompts), max_len), pad_id, dtype=torch.int64)
     loss_mask = torch.zeros(tokens.shape, dtype=torch.bool)

@@ -52,9 +52,9 @@ def run(config: RunConfig) -> Path:
     from megatron_gppo.checkpoint.live import export_hf
     from megatron_gppo.config import to_dict
     from megatron_gppo.driver import setup_policy
+    from megatron_gppo.metrics import MetricsLogger
     from megatron_gppo.packing import rank_batch
     from megatron_gppo.trainer import rank_layout
-    from megatron_gppo.metrics import MetricsLogger
 
     # A warm-up is short and writes only its HF export: it always starts from model.hf_path.
     policy, arch, _, _ = setup_policy(config, resume=False)

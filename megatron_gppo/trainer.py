@@ -79,7 +79,6 @@ def masked_mean_over_dp(values: torch.Tensor, mask: torch.Tensor, policy: Policy
 
 def train_on_batch(policy: Policy, rollouts: RolloutBatch, *, config: RunConfig) -> dict[str, float]:
     """Old log-prob recompute, then `num_epochs` x `num_minibatches` optimizer steps; returns metrics."""
-
     mine = rank_batch(rollouts.batch, num_minibatches=config.train.num_minibatches, **rank_layout(policy, config))
     batch, micro_batch_size = mine.batch, mine.rows_per_micro_batch
     temperature = config.rollout.temperature
