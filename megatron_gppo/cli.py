@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module that exposes `add_arguments(parser)`
 and `run(args) -> int`; this file only wires them up and turns user errors
-(`ValueError`, `FileNotFoundError`) into one line on stderr and exit code 2.
+(`ValueError`, `FileNotFoundError`) into one line on stderr and exit code 2,
+and a run that stopped on a fault (`errors.RunAborted`) into one line and 1.
 Command modules keep their top-level imports light (torch, megatron and
 transformers are imported inside `run`), so `--help` stays fast.
 """
@@ -16,6 +17,7 @@ import signal
 import sys
 from typing import Callable
 
+from megatron_gppo.errors import RunAborted
 from megatron_gppo.logs import route_library_warnings
 
 # name -> (module, one-line help)
@@ -27,6 +29,7 @@ SUBCOMMANDS = {
 }
 
 EXIT_USER_ERROR = 2
+EXIT_RUN_ABORTED = 1
 # What a user can cause (a bad config value, a missing path): one line, not a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
 
@@ -56,17 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_reporting_user_errors(job: Callable[[], int | None], *, prefix: str = "error: ",
                               traceback: bool = False) -> int:
-    """`job()`'s exit code; a user error becomes `<prefix><first line of the message>` on stderr and code 2.
+    """`job()`'s exit code; a user error becomes `<prefix><first line of the message>` on stderr and code 2
+    (a `RunAborted`: the same line and code 1).
 
     Also used by the scripts in tools/, so every entry point answers bad input the same way.
     """
     try:
         return job() or 0
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, RunAborted) as err:
         if traceback:
             raise
         print(f"{prefix}{str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return EXIT_RUN_ABORTED if isinstance(err, RunAborted) else EXIT_USER_ERROR
 
 
 def tool_main(parser: argparse.ArgumentParser, job: Callable[[argparse.Namespace], int | None],

@@ -363,6 +363,9 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, ge=0)
     """Global gradient-norm clip; 0 disables it."""
 
+    max_skipped_steps: int = Field(5, ge=1)
+    """Stop the run (with a checkpoint) after this many consecutive steps in which an optimizer update was skipped because its loss or gradient was not finite."""
+
     distributed_optimizer: bool = False
     """Shard optimizer state across data-parallel ranks (megatron distributed optimizer)."""
 

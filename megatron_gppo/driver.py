@@ -142,6 +142,8 @@ class Driver:
         # What the beta schedule steers by: the last step's entropy and the betas' measured effect on it.
         self.last_entropy = extra.get("last_entropy")
         self.last_sensitivities = extra.get("last_sensitivities")
+        # Steps in a row with an optimizer update skipped for a non-finite loss or gradient.
+        self.num_skipping_steps = extra.get("num_skipping_steps", 0)
         self.reward = MathReward(num_workers=config.reward.num_workers, timeout_s=config.reward.timeout_s,
                                  format_penalty=config.reward.format_penalty)
         self.sampling = SamplingParams.from_config(config.rollout)
@@ -219,7 +221,19 @@ class Driver:
         metrics.update(self.maybe_evaluate(step))
         self.last_entropy = metrics.get("entropy")
         self.last_sensitivities = [metrics.get("entropy_sensitivity_beta1"), metrics.get("entropy_sensitivity_beta2")]
+        self.num_skipping_steps = self.num_skipping_steps + 1 if metrics["skipped_steps"] else 0
+        if metrics["skipped_steps"]:
+            logger.warning("step %d: %d of %d optimizer updates skipped (non-finite loss or gradient; weights "
+                           "unchanged by them)", step, metrics["skipped_steps"], metrics["num_updates"])
         self.logger.log(step, metrics)
+
+    def failure(self) -> str:
+        """Why the run cannot go on ('' when it can): too many steps in a row with non-finite updates."""
+        limit = self.config.train.max_skipped_steps
+        if self.num_skipping_steps < limit:
+            return ""
+        return (f"{self.num_skipping_steps} steps in a row skipped optimizer updates whose loss or gradient was not "
+                f"finite (train.max_skipped_steps={limit}); lower train.lr or look for non-finite rewards")
 
     def stop_reason(self, *, next_step_s: float) -> str:
         """Why the run should stop before its next step ('' to go on): the stop file, or the deadline."""
@@ -233,7 +247,8 @@ class Driver:
 
     def state_dict(self) -> dict[str, Any]:
         return {"sampler": self.sampler.state_dict(), "beta_schedule": self.betas.state_dict(),
-                "last_entropy": self.last_entropy, "last_sensitivities": self.last_sensitivities}
+                "last_entropy": self.last_entropy, "last_sensitivities": self.last_sensitivities,
+                "num_skipping_steps": self.num_skipping_steps}
 
     def close(self) -> None:
         from megatron_gppo.plots import write_run_plots

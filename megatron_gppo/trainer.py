@@ -26,6 +26,7 @@ from megatron_gppo.algorithm import combine_metrics, loss_kwargs
 from megatron_gppo.batching import PolicyBatch
 from megatron_gppo.config import RunConfig
 from megatron_gppo.driver import Driver, RolloutBatch, setup_policy
+from megatron_gppo.errors import RunAborted
 from megatron_gppo.model.arch import ModelArch
 from megatron_gppo.model.policy import Policy
 from megatron_gppo.packing import rank_batch
@@ -100,15 +101,17 @@ def train_on_batch(policy: Policy, rollouts: RolloutBatch, *, config: RunConfig)
         _, entropy_after = policy.compute_log_probs(batch, temperature=temperature, micro_batch_size=micro_batch_size)
         after = masked_mean_over_dp(entropy_after, batch.loss_mask.to(entropy_after.device), policy)
         sampled["realized_entropy_change"] = after - sampled["entropy"]
+    applied = [r for r in updates if r.update_successful] or updates
     return {
         **combine_metrics(result.metrics for result in updates),
         # After the loss's metrics: with an entropy bonus the loss also reports the entropy it saw
         # mid-update, and the step's `entropy` is the sampling policy's.
         **sampled,
-        "loss": sum(r.loss for r in updates) / len(updates),
-        "grad_norm": sum(r.grad_norm for r in updates) / len(updates),
+        "loss": sum(r.loss for r in applied) / len(applied),
+        "grad_norm": sum(r.grad_norm for r in applied) / len(applied),
         "lr": updates[-1].lr,
         "num_updates": float(len(updates)),
+        "skipped_steps": float(len(updates) - sum(r.update_successful for r in updates)),
     }
 
 
@@ -134,7 +137,12 @@ def run(config: RunConfig) -> None:
         saved_step, step_time_s = start_step, 0.0
         for step in range(start_step + 1, config.train.max_steps + 1):
             # Every rank must leave the loop at the same boundary, so the driver decides for all.
-            reason = from_driver(driver.stop_reason(next_step_s=step_time_s) if driver is not None else None)
+            failure, reason = from_driver((driver.failure(), driver.stop_reason(next_step_s=step_time_s))
+                                          if driver is not None else None)
+            if failure:
+                if saved_step < step - 1:
+                    save(policy, driver, config=config, step=step - 1)
+                raise RunAborted(f"stopped after step {step - 1}: {failure}; its checkpoint is saved")
             if reason:
                 if saved_step < step - 1:
                     save(policy, driver, config=config, step=step - 1)

@@ -19,6 +19,10 @@ on one filesystem), then replaces `latest`, then deletes old checkpoints
 beyond `keep_last`. A crash at any moment therefore leaves the previous
 checkpoint complete and `latest` naming it (or naming an older complete one,
 which `find_latest` then skips past: any `step_*` directory is complete).
+A save that fails (disk full, read-only directory) is agreed on by every
+rank, its temporary directory removed, and reported as one
+`CheckpointWriteError` line naming the directory, the reason and the
+checkpoint that is still the latest.
 
 RNG states (python, numpy, torch CPU / CUDA, megatron's model-parallel RNG
 tracker) are stored per (pipeline, tensor) rank and shared by data-parallel
@@ -44,8 +48,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint import CheckpointException
 
 from megatron_gppo.atomic import fsync_dir, publish_directory, write_text_atomic
+from megatron_gppo.errors import RunAborted
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +61,12 @@ STATE_FILE = "trainer_state.json"
 HF_SUBDIR = "hf"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+# A failed save with less free space than this is reported as a full disk.
+_LOW_DISK_BYTES = 64 * 2**20
+
+
+class CheckpointWriteError(RunAborted):
+    """A checkpoint could not be written; the previous complete one is still the latest."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -305,21 +317,21 @@ def save_training_checkpoint(
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }, indent=2) + "\n"  # fails here, before any file is touched, if `extra` is not JSON-able
     enable_checkpoint_cpu_compat()
-    if _rank() == 0:
+
+    def start() -> None:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-step_*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-    _barrier()
 
-    state = _state_pieces(model, optimizer, is_loading=False)
-    state["rng_state"] = _rng_object(_rng_states())
-    if scheduler is not None:
-        state["scheduler"] = scheduler.state_dict()
-    dist_checkpointing.save(state, str(tmp))
-    _barrier()
+    def write_shards() -> None:
+        state = _state_pieces(model, optimizer, is_loading=False)
+        state["rng_state"] = _rng_object(_rng_states())
+        if scheduler is not None:
+            state["scheduler"] = scheduler.state_dict()
+        dist_checkpointing.save(state, str(tmp))
 
-    if _rank() == 0:
+    def publish() -> None:
         if hf_dir is not None:
             copy_side_files(hf_dir, tmp / HF_SUBDIR)
         write_text_atomic(tmp / STATE_FILE, state_json, durable=True)
@@ -329,8 +341,49 @@ def save_training_checkpoint(
         for old in list_checkpoints(run_dir)[:-keep_last]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+
+    for phase, on_every_rank in ((start, False), (write_shards, True), (publish, False)):
+        failure = None
+        try:
+            if on_every_rank or _rank() == 0:
+                phase()
+        except (OSError, CheckpointException) as err:
+            failure = err
+        if _failed_anywhere(failure):
+            reason = _write_failure_reason(root, failure)
+            if _rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            latest = find_latest(run_dir)
+            raise CheckpointWriteError(
+                f"could not write checkpoint {final.name} in {root}: {reason}; the latest complete checkpoint is "
+                f"{latest.name if latest else 'none'} (free space or fix the permissions, then rerun to resume)"
+            ) from failure
     return final
+
+
+def _failed_anywhere(failure: BaseException | None) -> bool:
+    """Whether any rank's save phase failed (collective: every rank learns of every failure)."""
+    if not dist.is_initialized():
+        return failure is not None
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([float(failure is not None)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _write_failure_reason(root: Path, failure: BaseException | None) -> str:
+    """A write failure in a user's words: torch's checkpoint writers report a full disk as a short write."""
+    if failure is None:
+        return "another rank's write failed (see its log)"
+    if isinstance(failure, OSError) and failure.strerror:
+        return failure.strerror.lower() + (f" ({failure.filename})" if failure.filename else "")
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        return f"{existing} is not writable"
+    free = shutil.disk_usage(existing).free
+    if free < _LOW_DISK_BYTES:
+        return f"the disk is full ({free / 2**20:.1f} MiB free)"
+    return str(failure).strip().splitlines()[-1]
 
 
 def load_training_checkpoint(

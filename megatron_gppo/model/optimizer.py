@@ -9,6 +9,15 @@ for linear warm-up then constant / linear / cosine decay.
 Step convention: `optimizer_step` advances the scheduler *before* stepping,
 so optimizer step k (1-based) runs at lr * k / warmup_steps during warm-up
 and the first step never runs at lr 0.
+
+Non-finite steps: megatron's fp32 and bf16 optimizers apply a NaN gradient as
+it is (only the fp16 loss scaler looks for one), and one rank's NaN reaches the
+others only through the data-parallel all-reduce, not through tensor- or
+pipeline-parallel peers. `optimizer_step` therefore agrees over the whole job
+whether the loss and every local gradient are finite, and when they are not,
+no rank steps: the weights, the optimizer moments and the lr schedule stay
+exactly as they were (megatron-LM does not advance its schedule on a skipped
+step either).
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -92,8 +102,17 @@ class StepStats:
     lr: float
 
 
-def optimizer_step(optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler) -> StepStats:
-    """Advance the lr schedule, then clip and apply the accumulated gradients."""
+def optimizer_step(
+    optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler, *, chunks: list[torch.nn.Module],
+    loss: float,
+) -> StepStats:
+    """Advance the lr schedule, then clip and apply the accumulated gradients of `chunks`.
+
+    Skipped on every rank (`update_successful=False`, nothing changed) when `loss` or any rank's
+    gradient is not finite.
+    """
+    if not finite_everywhere(chunks, loss=loss):
+        return StepStats(update_successful=False, grad_norm=float("nan"), lr=current_lr(optimizer))
     scheduler.step(increment=1)
     update_successful, grad_norm, _ = optimizer.step()
     return StepStats(
@@ -101,6 +120,19 @@ def optimizer_step(optimizer: MegatronOptimizer, scheduler: OptimizerParamSchedu
         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
         lr=current_lr(optimizer),
     )
+
+
+def finite_everywhere(chunks: list[torch.nn.Module], *, loss: float) -> bool:
+    """Whether `loss` and the accumulated gradients (megatron's `main_grad`) are finite on every rank."""
+    grads = [param.main_grad for chunk in chunks for param in chunk.parameters()
+             if getattr(param, "main_grad", None) is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    finite = torch.tensor(float(torch.isfinite(torch.tensor(loss))), device=device)
+    for grad in grads:
+        finite = torch.minimum(finite, torch.isfinite(grad).all().to(finite.dtype))
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
 
 
 def current_lr(optimizer: MegatronOptimizer) -> float:
@@ -114,6 +146,6 @@ def zero_grads(chunks: list[DistributedDataParallel], optimizer: MegatronOptimiz
 
 
 __all__ = [
-    "StepStats", "build_optimizer", "build_scheduler", "current_lr", "optimizer_step",
+    "StepStats", "build_optimizer", "build_scheduler", "current_lr", "finite_everywhere", "optimizer_step",
     "wrap_ddp", "zero_grads",
 ]

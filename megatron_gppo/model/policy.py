@@ -114,7 +114,7 @@ class Policy:
     def forward_backward_step(self, batch: PolicyBatch, **forward_backward_args: Any) -> TrainStepResult:
         """One optimizer step on `batch`: `forward_backward(batch, **forward_backward_args)`, then `step()`."""
         loss, metrics = self.forward_backward(batch, **forward_backward_args)
-        stats = self.step()
+        stats = self.step(loss=loss)
         return TrainStepResult(loss=loss, grad_norm=stats.grad_norm, lr=stats.lr,
                                update_successful=stats.update_successful, metrics=metrics)
 
@@ -164,9 +164,10 @@ class Policy:
         outputs = self._run_schedule(micro_batches, loss_func, forward_only=False)
         return self._combine_loss_outputs(outputs)
 
-    def step(self) -> StepStats:
-        """Clip, apply the accumulated gradients and advance the lr schedule."""
-        return optimizer_step(self.optimizer, self.scheduler)
+    def step(self, *, loss: float) -> StepStats:
+        """Clip, apply the accumulated gradients and advance the lr schedule; on every rank nothing
+        changes when `loss` or a gradient is not finite (`update_successful=False`)."""
+        return optimizer_step(self.optimizer, self.scheduler, chunks=self.model, loss=loss)
 
     # ------------------------------------------------------------------ log-probs
 

@@ -149,7 +149,7 @@ def run_reference(rank: int, port: int, path: str) -> None:
     old_log_probs = (log_probs + noise) * full_batch().loss_mask
     batch = full_batch(old_log_probs=old_log_probs)
     log_probs, entropy, loss, metrics, grads = _step(policy, batch)
-    stats = policy.step()
+    stats = policy.step(loss=loss)
     params = {name: param.detach().clone() for chunk in policy.model for name, param in _named(chunk)}
     torch.save({"old_log_probs": old_log_probs, "log_probs": log_probs, "entropy": entropy, "loss": loss,
                 "metrics": metrics, "grad_norm": stats.grad_norm, "grads": grads, "params": params}, path)
@@ -195,13 +195,28 @@ def run_layouts(rank: int, world_size: int, port: int, names: list[str], ref_pat
             diffs["fused_vs_unfused_grads"] = max(_max_diff(grads[k], grads_unfused[k]) for k in grads)
             policy.forward_backward(batch, loss_name="ce_gppo", loss_hparams=LOSS_HPARAMS,
                                     temperature=TEMPERATURE, micro_batch_size=mine.rows_per_micro_batch)
-        stats = policy.step()
+        stats = policy.step(loss=loss)
         diffs["grad_norm"] = abs(stats.grad_norm - ref["grad_norm"])
         diffs["params"] = max(
             _max_diff(param, shard_like(param, ref["params"][key], name=key, tp_rank=tp_rank, tp_size=tp))
             for key, param in params.items())
+        diffs.update(_poisoned_step(policy, mine.batch, micro_batch_size=mine.rows_per_micro_batch, rank=rank))
         Path(out_dir, f"{name}.rank{rank}.json").write_text(json.dumps(diffs))
         del policy
+
+
+def _poisoned_step(policy, batch, *, micro_batch_size: int, rank: int) -> dict[str, float]:
+    """A step whose gradient is NaN in one element on the last rank only: no rank may change anything."""
+    _, _, loss, _, _ = _step(policy, batch, micro_batch_size=micro_batch_size)
+    if rank == torch.distributed.get_world_size() - 1:
+        next(p for chunk in policy.model for p in chunk.parameters()).main_grad.view(-1)[0] = float("nan")
+    before = [p.detach().clone() for chunk in policy.model for p in chunk.parameters()]
+    schedule_before = policy.scheduler.num_steps
+    stats = policy.step(loss=loss)
+    after = [p.detach() for chunk in policy.model for p in chunk.parameters()]
+    return {"nan_step_reported_successful": float(stats.update_successful),
+            "nan_step_changed_params": max(_max_diff(a, b) for a, b in zip(after, before)),
+            "nan_step_advanced_lr_schedule": float(policy.scheduler.num_steps - schedule_before)}
 
 
 def run_packed_vs_padded(rank: int, port: int, path: str, dtype: str) -> None:

@@ -15,6 +15,9 @@ next-token cross-entropy of `hidden @ output_weight.T` (TP=1).
   checks the parameters, RNG draws, lr and the data-sampler position, takes
   step 4 on the whole batch and records the parameters; then loads the killed
   run's latest checkpoint and saves over its stale temporary directory.
+- `run_disk_faults` (1 process): saves steps 1 and 2 on a small tmpfs that
+  cannot hold a third checkpoint, fails to save step 3 there, then again
+  after the filesystem is remounted read-only.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import contextlib
 import io
 import json
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -74,7 +78,7 @@ def train_step(model, optimizer, scheduler, *, step: int, dp_rank: int, dp: int)
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
     loss.backward()
     model[0].finish_grad_sync()
-    stats = optimizer_step(optimizer, scheduler)
+    stats = optimizer_step(optimizer, scheduler, chunks=model, loss=loss.item())
     return stats.lr
 
 
@@ -175,6 +179,33 @@ def run_dp1(rank: int, port: int, root: str) -> None:
     result["after_resave_latest"] = (killed / "checkpoints" / "latest").read_text().strip()
     (root_path / "dp1_result.json").write_text(json.dumps(result))
     destroy_distributed()
+
+
+def run_disk_faults(rank: int, port: int, disk: str, out: str) -> None:
+    from megatron_gppo.checkpoint.training import CheckpointWriteError, resume, save_training_checkpoint
+
+    _, _, model, optimizer, scheduler = _setup(0, 1, port)
+    run = Path(disk) / "run"
+    checkpoints = run / "checkpoints"
+    for step in (1, 2):
+        train_step(model, optimizer, scheduler, step=step, dp_rank=0, dp=1)
+        save_training_checkpoint(run, step=step, model=model, optimizer=optimizer, scheduler=scheduler, keep_last=2)
+    saved = params(model)
+    train_step(model, optimizer, scheduler, step=3, dp_rank=0, dp=1)
+    result = {}
+    for fault in ("disk_full", "read_only"):
+        if fault == "read_only":
+            subprocess.run(["mount", "-o", "remount,ro", disk], check=True)
+        try:
+            save_training_checkpoint(run, step=3, model=model, optimizer=optimizer, scheduler=scheduler,
+                                     keep_last=2)
+            result[fault] = {"error": None}
+        except CheckpointWriteError as err:
+            result[fault] = {"error": str(err), "dirs": sorted(p.name for p in checkpoints.iterdir()),
+                             "latest": (checkpoints / "latest").read_text().strip()}
+    state = resume(run, model=model, optimizer=optimizer, scheduler=scheduler)
+    result["resumed_step"], result["resumed_params_diff"] = state.step, _max_diff(params(model), saved)
+    Path(out).write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

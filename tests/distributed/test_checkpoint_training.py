@@ -7,6 +7,10 @@ the DP=2 run's step 4 (so the Adam moments were resharded correctly).
 Another run is SIGKILLed inside its step-2 save after megatron wrote the
 weights: `latest` still names step 1, which loads, and the next save cleans
 up. Process groups: DP=2 (2 processes), the killed run (1), DP=1 (1).
+
+Disk faults (as root, on a small tmpfs): a save that runs out of space, and
+one into a read-only filesystem, each fail with one line and leave the
+previous checkpoint the latest, complete and loadable.
 """
 
 from __future__ import annotations
@@ -100,3 +104,31 @@ def test_killed_save_leaves_previous_checkpoint(result):
     assert result["killed_params_diff"] == 0.0
     assert result["after_resave"] == ["latest", "step_00000001", "step_00000002"]
     assert result["after_resave_latest"] == "step_00000002"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.5 MiB tmpfs: room for two checkpoints of the worker's model (~0.55 MiB each), not three."""
+    disk = tmp_path / "small_disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_latest(small_disk, tmp_path):
+    out = tmp_path / "disk_faults.json"
+    mp.spawn(worker.run_disk_faults, args=(free_port(), str(small_disk), str(out)), nprocs=1, join=True)
+    result = json.loads(out.read_text())
+    print(f"\n{result['disk_full']['error']}\n{result['read_only']['error']}")
+    checkpoints = small_disk / "run" / "checkpoints"
+    for fault, reason in (("disk_full", "the disk is full"), ("read_only", "read-only file system")):
+        error = result[fault]["error"]
+        assert error.startswith(f"could not write checkpoint step_00000003 in {checkpoints}: {reason}"), error
+        assert "the latest complete checkpoint is step_00000002" in error and "\n" not in error
+        assert result[fault]["latest"] == "step_00000002"
+        assert result[fault]["dirs"] == ["latest", "step_00000001", "step_00000002"]
+    assert result["resumed_step"] == 2 and result["resumed_params_diff"] == 0.0

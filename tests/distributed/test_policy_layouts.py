@@ -6,7 +6,8 @@ and NLL terms, exact global token mean), its metrics, the gradients, the
 grad norm and the parameters after one AdamW step must match TP=1 within
 TOLERANCE (fp32; reduction order differs between layouts). The TP=2 layout
 also checks that the fused and unfused log-prob paths give the same loss and
-gradients.
+gradients. After it, one more step whose gradient holds a NaN on one rank
+only must change nothing on any rank (no partial update, no lr-schedule step).
 
 The `*_packed` layouts run the same samples packed several to a row
 (packing.py: long-tailed lengths, rows of the longest sample, balanced over

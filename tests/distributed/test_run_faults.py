@@ -1,0 +1,106 @@
+"""Faults a `megatron-gppo train` run meets, end to end: it stops on purpose, with one line and a checkpoint.
+
+- Non-finite updates: from step 2 on one gradient element is NaN (injected
+  after the real backward pass). Every such update is skipped (the weights of
+  steps 1, 2 and 3 are identical), counted in `skipped_steps`, and
+  `train.max_skipped_steps=2` steps in a row stop the run: exit code 1, one
+  line, the checkpoint of the last finished step.
+- A checkpoint directory on a read-only filesystem: the first save fails, the
+  run exits 1 with one line naming the directory and the reason.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from megatron_gppo.metrics import read_metrics
+from tests._tiny_models import save_tiny_run, tiny_run_overrides
+
+pytestmark = pytest.mark.distributed
+
+POISONED_TRAIN = """
+import sys
+from megatron_gppo.cli import main
+from megatron_gppo.model.policy import Policy
+
+forward_backward = Policy.forward_backward
+num_calls = [0]
+
+def poisoned(self, batch, **kwargs):
+    loss, metrics = forward_backward(self, batch, **kwargs)
+    num_calls[0] += 1
+    if num_calls[0] > UPDATES_PER_STEP:  # every update from step 2 on
+        next(self.model[0].parameters()).main_grad.view(-1)[0] = float("nan")
+    return loss, metrics
+
+Policy.forward_backward = poisoned
+sys.exit(main(sys.argv[1:]))
+"""
+UPDATES_PER_STEP = 2  # the demo config's num_epochs x num_minibatches
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return save_tiny_run(tmp_path_factory.mktemp("faults"))
+
+
+def train_args(assets, out, *overrides):
+    return ["train", "examples/configs/demo_cpu.yaml", f"model.hf_path={assets / 'hf'}", f"train.output_dir={out}",
+            *tiny_run_overrides(assets), "data.eval_path=", *overrides]
+
+
+def test_non_finite_updates_are_skipped_then_stop_the_run(assets, tmp_path):
+    from megatron_gppo.checkpoint.convert import convert_megatron_to_hf
+
+    out = tmp_path / "run"
+    code = POISONED_TRAIN.replace("UPDATES_PER_STEP", str(UPDATES_PER_STEP))
+    result = subprocess.run([sys.executable, "-c", code, *train_args(
+        assets, out, "train.max_steps=10", "train.max_skipped_steps=2", "checkpoint.save_every=1",
+        "checkpoint.keep_last=5")], capture_output=True, text=True, timeout=900)
+    last_line = result.stderr.strip().splitlines()[-1]
+    print(f"\n{last_line}")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert last_line == ("megatron-gppo train: error: stopped after step 3: 2 steps in a row skipped optimizer "
+                         "updates whose loss or gradient was not finite (train.max_skipped_steps=2); lower "
+                         "train.lr or look for non-finite rewards; its checkpoint is saved")
+    assert [(r["step"], r["skipped_steps"]) for r in read_metrics(out / "metrics.jsonl")] == [
+        (1, 0), (2, UPDATES_PER_STEP), (3, UPDATES_PER_STEP)]
+    weights = {}
+    for step in (1, 3):
+        hf_dir = convert_megatron_to_hf(out / "checkpoints" / f"step_{step:08d}", tmp_path / f"hf{step}",
+                                        progress=False)
+        weights[step] = {}
+        for shard in sorted(hf_dir.glob("*.safetensors")):
+            weights[step].update(load_file(shard))
+    assert weights[1].keys() == weights[3].keys()
+    assert all(weights[1][name].equal(weights[3][name]) for name in weights[1])
+
+
+def test_a_read_only_checkpoint_directory_stops_the_run_with_one_line(assets, tmp_path):
+    out = tmp_path / "run"
+    checkpoints = out / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(checkpoints)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        result = subprocess.run([sys.executable, "-m", "megatron_gppo.cli", *train_args(
+            assets, out, "train.max_steps=1", "train.export_hf=false")], capture_output=True, text=True,
+            timeout=900)
+    finally:
+        subprocess.run(["umount", str(checkpoints)], check=True)
+    last_line = result.stderr.strip().splitlines()[-1]
+    print(f"\n{last_line}")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert last_line.startswith(f"megatron-gppo train: error: could not write checkpoint step_00000001 in "
+                                f"{checkpoints}: read-only file system"), last_line
+    assert last_line.endswith("the latest complete checkpoint is none (free space or fix the permissions, then "
+                              "rerun to resume)")
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
