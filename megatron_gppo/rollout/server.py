@@ -16,6 +16,14 @@ Errors are JSON: 400 `{"error": {"message": ...}}` for bad input (control
 endpoints add `"success": false, "message": ...`), 401 `{"error":
 "Unauthorized"}` without the API key (`/health*` stays open, as in SGLang).
 Memory release/resume are no-ops here (there is no accelerator memory).
+
+Weight updates are all or nothing. Each request is read and checked in full
+before the model changes; an update that spans several requests (the
+trainer's buckets) ends with the one that carries `weight_version` (or with
+`/update_weight_version`), and a part that fails before then (bad names or
+shapes, a truncated file, a broken broadcast) puts back every tensor the
+earlier parts wrote: the answer is 400 with the reason, and the server keeps
+serving the previous version.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from megatron_gppo.rollout.sglang_requests import (AbortReq, ContinueGenerationR
                                                    ResumeMemoryOccupationReqInput, UpdateWeightFromDiskReqInput,
                                                    UpdateWeightsFromDistributedReqInput,
                                                    UpdateWeightsFromTensorReqInput, UpdateWeightVersionReqInput)
+from megatron_gppo.rollout.weight_loader import UpdateJournal
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +164,7 @@ class RolloutServer:
                                       tokenizer=tokenizer)
         self.worker = GenerationWorker(self.generator)
         self.weights = _SerialDaemonExecutor("weight-updates")
+        self.journal = UpdateJournal()  # what the update in progress overwrote; touched on the worker thread only
         self.groups: dict[str, Any] = {}
         self.released_memory: set[str] = set()  # SGLang's tags: weights, kv_cache, cuda_graph
         self.url = ""
@@ -345,9 +355,11 @@ class RolloutServer:
         def apply(g: Any) -> int:
             if abort_all:
                 g.abort(abort_all=True)
-            count = load_named_tensors(g.model, named, adopt=True)  # the tensors were made for us
+            # The tensors were made for us: adopt them.
+            count = load_named_tensors(g.model, named, adopt=True, journal=self.journal)
             if version is not None:
                 g.weight_version = version
+                self.journal.commit()
             return count
         return await self._on_worker(apply)
 
@@ -358,12 +370,21 @@ class RolloutServer:
         return web.json_response({"success": True, "message": message, **extra})
 
     async def _weights_op(self, fn: Callable[[], Any]) -> Any:
-        """Run a weight op; its ValueErrors are the caller's mistakes (400), RuntimeErrors are comms failures."""
+        """Run a weight op; its ValueErrors are the caller's mistakes (400), RuntimeErrors are comms failures.
+
+        On a failure every tensor of the unfinished update is put back (see the module docstring).
+        """
         self._require_memory("weights", doing="update weights")
         try:
             return await fn()
         except (ValueError, RuntimeError, OSError) as err:
-            raise _BadRequest(str(err)) from None
+            def rollback(g: Any) -> str:
+                count = self.journal.rollback()
+                return (f"; restored {count} tensors written earlier in this update" if count else "") + \
+                    f"; serving weight version {g.weight_version}"
+            restored = await self._on_worker(rollback)
+            logger.warning("weight update failed: %s%s", err, restored)
+            raise _BadRequest(f"weight update failed: {str(err).strip().splitlines()[0]}{restored}") from None
 
     async def update_weights_from_disk(self, request: web.Request) -> web.Response:
         from megatron_gppo.rollout.weight_loader import read_safetensors_dir
@@ -376,6 +397,7 @@ class RolloutServer:
             named = await self._on_weights_thread(read_safetensors_dir, update.model_path)
             return await self._load(named, update.weight_version, update.abort_all_requests)
         count = await self._weights_op(op)
+        await self._on_worker(lambda g: self.journal.commit())  # a directory is a whole update
         return self._weights_answer(count, update.weight_version, num_paused_requests=0)
 
     async def update_weights_from_tensor(self, request: web.Request) -> web.Response:
@@ -401,6 +423,7 @@ class RolloutServer:
             if update.abort_all_requests:
                 g.abort(abort_all=True)
             g.weight_version = update.new_version
+            self.journal.commit()
         await self._on_worker(apply)
         return web.json_response({"success": True, "message": f"Weight version updated to {update.new_version}",
                                   "new_version": update.new_version})
@@ -431,8 +454,15 @@ class RolloutServer:
             raise _BadRequest(f"no weight update group {update.group_name!r}; call /init_weights_update_group first")
 
         async def op() -> int:
-            named = await self._on_weights_thread(lambda: receive_bucket(
-                names=update.names, dtypes=update.dtypes, shapes=update.shapes, group=group))
+            try:
+                named = await self._on_weights_thread(lambda: receive_bucket(
+                    names=update.names, dtypes=update.dtypes, shapes=update.shapes, group=group))
+            except RuntimeError as err:
+                # The broadcast broke (the trainer died or timed out): the group cannot be used again.
+                self.groups.pop(update.group_name, None)
+                detail = str(err).split("] ", 1)[-1].split(". ", 1)[0]  # gloo: "[file:line] what. advice..."
+                raise RuntimeError(f"the broadcast broke ({detail}); group {update.group_name!r} is closed, "
+                                   f"call /init_weights_update_group again") from None
             return await self._load(named, update.weight_version, update.abort_all_requests)
         count = await self._weights_op(op)
         return self._weights_answer(count, update.weight_version)

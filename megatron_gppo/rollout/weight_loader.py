@@ -16,15 +16,50 @@ from megatron_gppo.rollout.process_group import dtype_from_name
 _SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+class UpdateJournal:
+    """The weights an unfinished update has overwritten, so that a failure can put them all back.
+
+    An update may span several requests (the trainer sends buckets, the last
+    one with the new weight version). The first time the update writes a
+    parameter, its previous storage is kept here; `commit` forgets them when
+    the update is complete, `rollback` restores them when a later part fails.
+    At most one copy of the model is held.
+    """
+
+    def __init__(self) -> None:
+        self._previous: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep(self, target: torch.Tensor, *, replaced: bool) -> None:
+        """Remember `target`'s values before its first write (`replaced`: its storage will be swapped, not written)."""
+        if id(target) not in self._previous:
+            self._previous[id(target)] = (target, target.data if replaced else target.detach().clone())
+
+    @property
+    def num_kept(self) -> int:
+        return len(self._previous)
+
+    def commit(self) -> None:
+        self._previous.clear()
+
+    def rollback(self) -> int:
+        """Restore every kept tensor; returns how many."""
+        for target, previous in self._previous.values():
+            target.data = previous
+        count = len(self._previous)
+        self._previous.clear()
+        return count
+
+
 def load_named_tensors(model: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]], *,
-                       adopt: bool = False) -> int:
+                       adopt: bool = False, journal: UpdateJournal | None = None) -> int:
     """Put tensors into the model's parameters/buffers by name, casting dtype; returns how many.
 
-    Every name and shape is checked before anything is written, so a bad
-    update leaves the model unchanged. Tied weights share one Parameter, so
-    updating either name updates both. With `adopt`, a tensor that already
+    Every name, shape and value is checked before anything is written, so a
+    bad update leaves the model unchanged. Tied weights share one Parameter,
+    so updating either name updates both. With `adopt`, a tensor that already
     has the parameter's dtype, device and layout becomes its storage instead
-    of being copied (the caller must not touch it afterwards).
+    of being copied (the caller must not touch it afterwards). With a
+    `journal`, the previous values are kept there for a rollback.
     """
     targets = dict(model.named_parameters(remove_duplicate=False))
     targets.update(dict(model.named_buffers(remove_duplicate=False)))
@@ -37,10 +72,16 @@ def load_named_tensors(model: torch.nn.Module, named_tensors: Iterable[tuple[str
             raise ValueError(f"the model has no parameter named {name!r}")
         if tuple(target.shape) != tuple(tensor.shape):
             raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match the model's {tuple(target.shape)}")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{name}: holds NaN or infinite values")
         pending.append((target, tensor))
     with torch.no_grad():
         for target, tensor in pending:
-            if adopt and tensor.dtype == target.dtype and tensor.device == target.device and tensor.is_contiguous():
+            replace = adopt and tensor.dtype == target.dtype and tensor.device == target.device and \
+                tensor.is_contiguous()
+            if journal is not None:
+                journal.keep(target, replaced=replace)
+            if replace:
                 target.data = tensor
             else:
                 target.copy_(tensor)
@@ -48,7 +89,13 @@ def load_named_tensors(model: torch.nn.Module, named_tensors: Iterable[tuple[str
 
 
 def read_safetensors_dir(path: str | Path) -> list[tuple[str, torch.Tensor]]:
-    """All tensors of the `*.safetensors` files in a Hugging Face model directory."""
+    """All tensors of the `*.safetensors` files in a Hugging Face model directory.
+
+    Every file is read in full before anything is returned; a shard that is
+    truncated or not safetensors, or a link that leads out of the directory,
+    is a ValueError naming the file.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -57,9 +104,15 @@ def read_safetensors_dir(path: str | Path) -> list[tuple[str, torch.Tensor]]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"no *.safetensors files in {path}")
+    root = path.resolve()
     named: list[tuple[str, torch.Tensor]] = []
     for file in files:
-        named.extend(load_file(str(file)).items())
+        if not file.resolve().is_relative_to(root):
+            raise ValueError(f"{file} leads out of {path} (to {file.resolve()}); refusing to read it")
+        try:
+            named.extend(load_file(str(file)).items())
+        except SafetensorError as err:
+            raise ValueError(f"{file} is not a complete safetensors file ({err})") from None
     return named
 
 
@@ -104,4 +157,4 @@ def deserialize_named_tensors(payload: str | bytes) -> list[tuple[str, torch.Ten
     return [(str(name), tensor.detach().to("cpu", copy=True)) for name, tensor in named]
 
 
-__all__ = ["deserialize_named_tensors", "load_named_tensors", "read_safetensors_dir", "receive_bucket"]
+__all__ = ["UpdateJournal", "deserialize_named_tensors", "load_named_tensors", "read_safetensors_dir", "receive_bucket"]
