@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, SecretStr, model_validator
 
 from megatron_gppo.algorithm.losses import AGGREGATIONS, HPARAM_BOUNDS, RL_LOSSES, hparam_default
 from megatron_gppo.algorithm.schedules import BETA_SCHEDULES, EntropyTargetController
@@ -129,8 +129,8 @@ class RolloutConfig(Section):
     num_local_servers: int = Field(1, ge=1)
     """Number of `megatron-gppo serve` processes the local backend starts."""
 
-    api_key: str = ""
-    """Bearer token sent to the servers (and required by local servers when set)."""
+    api_key: SecretStr = SecretStr("")
+    """Bearer token sent to the servers (and required by local servers when set); written as '**********' wherever the config is saved or logged."""
 
     num_samples_per_prompt: int = Field(8, ge=1)
     """Responses sampled per prompt (the GRPO group size; the paper uses 8)."""
@@ -519,7 +519,8 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
 
 
 def to_dict(config: BaseModel) -> dict[str, Any]:
-    return config.model_dump()
+    """Plain values, as YAML and JSON write them; secrets (`rollout.api_key`) become '**********'."""
+    return config.model_dump(mode="json")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -567,6 +568,26 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     return from_dict(tree)
 
 
+SECRET_KEYS = ("rollout.api_key",)
+_REDACTED = "**********"
+
+
+def redact_secrets(argv: list[str]) -> list[str]:
+    """A command line with the values of secret overrides (and `--api-key`) replaced, for logs and run records."""
+    redacted, hide_next = [], False
+    for arg in argv:
+        key = arg.split("=", 1)[0]
+        if hide_next:
+            arg, hide_next = _REDACTED, False
+        elif key in SECRET_KEYS or key == "--api-key":
+            if "=" in arg:
+                arg = f"{key}={_REDACTED}"
+            else:
+                hide_next = True
+        redacted.append(arg)
+    return redacted
+
+
 def save_config(config: RunConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML atomically (temporary name, then rename)."""
     write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
@@ -587,5 +608,5 @@ def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> lis
 __all__ = [
     "AlgorithmConfig", "BetaScheduleConfig", "CheckpointConfig", "ConfigError", "DataConfig",
     "LoggingConfig", "ModelConfig", "ParallelConfig", "RewardConfig", "RolloutConfig", "RunConfig", "TrainConfig",
-    "describe_fields", "from_dict", "load_config", "parse_override", "save_config", "to_dict",
+    "describe_fields", "from_dict", "load_config", "parse_override", "redact_secrets", "save_config", "to_dict",
 ]

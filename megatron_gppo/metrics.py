@@ -12,15 +12,27 @@ import math
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from megatron_gppo.atomic import write_text_atomic
-from megatron_gppo.config import LoggingConfig
+from megatron_gppo.config import LoggingConfig, redact_secrets
 
 # Shown in the progress line and the summary, in this order, when present.
 HEADLINE = ("reward_mean", "eval_accuracy", "entropy", "clip_frac_low", "clip_frac_high", "response_length_mean",
             "sft_loss")
+
+
+@contextmanager
+def _argv(argv: list[str]) -> Iterator[None]:
+    """`sys.argv` is `argv` inside the block."""
+    saved, sys.argv = sys.argv, argv
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -64,11 +76,13 @@ class MetricsLogger:
             import wandb
 
             # silent: our progress line and summary are the terminal's; wandb's own lines are not.
-            self._wandb_run = wandb.init(
-                mode=config.wandb_mode, dir=str(self.run_dir), project=config.wandb_project,
-                name=config.run_name or self.run_dir.name, config=run_config,
-                id=self._wandb_id(), resume="allow", settings=wandb.Settings(silent=True, console="off"),
-            )
+            # wandb records the command line; ours may carry rollout.api_key.
+            with _argv(redact_secrets(sys.argv)):
+                self._wandb_run = wandb.init(
+                    mode=config.wandb_mode, dir=str(self.run_dir), project=config.wandb_project,
+                    name=config.run_name or self.run_dir.name, config=run_config,
+                    id=self._wandb_id(), resume="allow", settings=wandb.Settings(silent=True, console="off"),
+                )
 
     def _wandb_id(self) -> str:
         """A stable wandb run id stored in the run directory, so resumes continue one run."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from annotated_types import Ge, Gt, Le, Lt
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
 from megatron_gppo.algorithm.bounds import Bound
@@ -21,7 +21,7 @@ from megatron_gppo.algorithm.bounds import Bound
 # pydantic error types raised by a numeric bound (Field(ge=...), ...) rather than by the type.
 BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
 
-_NOUNS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_NOUNS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", SecretStr: "a string"}
 _PLURALS = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
 
 

@@ -121,7 +121,7 @@ def run_rank(
     from megatron_gppo.model.parallel import destroy_distributed, init_distributed
     from megatron_gppo.model.provider import build_model_chunks
 
-    reference = torch.load(reference_path)
+    reference = torch.load(reference_path, weights_only=True)
     arch = ModelArch.from_hf_config(reference["config"])
     if environ is None:
         environ = {"RANK": str(rank), "WORLD_SIZE": str(layout.world_size), "LOCAL_RANK": str(rank),

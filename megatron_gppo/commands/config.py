@@ -26,8 +26,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_reference(rows: list[tuple[str, str, object, str]]) -> str:
+    from pydantic import SecretStr
+
     lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for key, type_text, default, doc in rows:
+        if isinstance(default, SecretStr):
+            default = default.get_secret_value()
         default_text = "`[]`" if default == [] else f"`{default!r}`" if default != "" else '`""`'
         lines.append(f"| `{key}` | {type_text} | {default_text} | {doc} |")
     return "\n".join(lines)

@@ -60,7 +60,7 @@ def finished_step(config) -> int | None:
 
 def run(args: argparse.Namespace) -> int:
     """Load and check the config, validate the layout, then run the command's job in every process."""
-    from megatron_gppo.config import load_config
+    from megatron_gppo.config import load_config, redact_secrets
     from megatron_gppo.model.arch import ModelArch
     from megatron_gppo.model.parallel import ParallelDims, validate_layout
 
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                         f"--nproc-per-node={num_processes}", "-m", "megatron_gppo.cli",
                         *(["--verbose"] if args.verbose else []), args.command, args.config, *args.overrides]
-            logger.info("starting %d local processes: %s", num_processes, " ".join(torchrun[1:]))
+            logger.info("starting %d local processes: %s", num_processes, " ".join(redact_secrets(torchrun[1:])))
             return subprocess.call(torchrun)
     # SIGTERM (scancel, torchrun stopping its workers, kill) unwinds like Ctrl-C does, so
     # the run's `finally` blocks stop the rollout servers and reward workers it started.

@@ -58,6 +58,29 @@ logger = logging.getLogger(__name__)
 SERVER_VERSION = "megatron-gppo-cpu-0.1"
 HEALTH_GENERATE_TIMEOUT_S = 20.0
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
+# (method, path, RolloutServer handler): SGLang's names. Every route but /health* needs the API key.
+ROUTES = (
+    ("*", "/generate", "generate"),
+    ("GET", "/health", "health"),
+    ("GET", "/health_generate", "health_generate"),
+    ("GET", "/get_model_info", "model_info"),
+    ("GET", "/model_info", "model_info"),
+    ("GET", "/get_server_info", "server_info"),
+    ("GET", "/server_info", "server_info"),
+    ("*", "/flush_cache", "flush_cache"),
+    ("POST", "/abort_request", "abort_request"),
+    ("POST", "/pause_generation", "pause_generation"),
+    ("POST", "/continue_generation", "continue_generation"),
+    ("*", "/release_memory_occupation", "release_memory"),
+    ("*", "/resume_memory_occupation", "resume_memory"),
+    ("GET", "/get_weight_version", "get_weight_version"),
+    ("POST", "/update_weight_version", "update_weight_version"),
+    ("POST", "/update_weights_from_disk", "update_weights_from_disk"),
+    ("POST", "/update_weights_from_tensor", "update_weights_from_tensor"),
+    ("POST", "/init_weights_update_group", "init_weights_update_group"),
+    ("POST", "/update_weights_from_distributed", "update_weights_from_distributed"),
+    ("POST", "/destroy_weights_update_group", "destroy_weights_update_group"),
+)
 
 
 @dataclass(kw_only=True)
@@ -173,27 +196,8 @@ class RolloutServer:
 
     def build_app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth, self._errors], client_max_size=256 * 1024 ** 2)
-        routes = [
-            ("*", "/generate", self.generate),
-            ("GET", "/health", self.health), ("GET", "/health_generate", self.health_generate),
-            ("GET", "/get_model_info", self.model_info), ("GET", "/model_info", self.model_info),
-            ("GET", "/get_server_info", self.server_info), ("GET", "/server_info", self.server_info),
-            ("*", "/flush_cache", self.flush_cache),
-            ("POST", "/abort_request", self.abort_request),
-            ("POST", "/pause_generation", self.pause_generation),
-            ("POST", "/continue_generation", self.continue_generation),
-            ("*", "/release_memory_occupation", self.release_memory),
-            ("*", "/resume_memory_occupation", self.resume_memory),
-            ("GET", "/get_weight_version", self.get_weight_version),
-            ("POST", "/update_weight_version", self.update_weight_version),
-            ("POST", "/update_weights_from_disk", self.update_weights_from_disk),
-            ("POST", "/update_weights_from_tensor", self.update_weights_from_tensor),
-            ("POST", "/init_weights_update_group", self.init_weights_update_group),
-            ("POST", "/update_weights_from_distributed", self.update_weights_from_distributed),
-            ("POST", "/destroy_weights_update_group", self.destroy_weights_update_group),
-        ]
-        for method, path, handler in routes:
-            app.router.add_route(method, path, handler)
+        for method, path, handler in ROUTES:
+            app.router.add_route(method, path, getattr(self, handler))
         return app
 
     @web.middleware

@@ -41,14 +41,15 @@ class SGLangEngine(SGLangClient):
         holds server logs and disk-sync dumps.
         """
         work_dir = Path(work_dir)
+        api_key = config.api_key.get_secret_value()
         local = None
         urls = config.server_urls
         if config.backend == "local":
-            local = LocalServers(model_path=model_path, num_servers=config.num_local_servers, api_key=config.api_key,
+            local = LocalServers(model_path=model_path, num_servers=config.num_local_servers, api_key=api_key,
                                  num_threads=num_threads, log_dir=work_dir / "server_logs")
             urls = local.start()
         try:
-            engine = cls(local_servers=local, server_urls=urls, router_url=config.router_url, api_key=config.api_key,
+            engine = cls(local_servers=local, server_urls=urls, router_url=config.router_url, api_key=api_key,
                          max_concurrency=config.max_concurrency, request_timeout_s=config.request_timeout_s,
                          max_retries=config.max_retries, progress=progress)
             engine.weight_sync = _weight_sync(config, client=engine, local=local is not None,

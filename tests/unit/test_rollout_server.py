@@ -72,6 +72,19 @@ def test_wrong_or_missing_api_key_gets_401(server):
     assert requests.get(f"{server}/health", timeout=10).status_code == 200
 
 
+def test_every_route_but_health_needs_the_api_key(server):
+    from megatron_gppo.rollout.server import ROUTES
+
+    for method, path, _ in ROUTES:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            response = requests.request("POST" if method == "*" else method, f"{server}{path}", headers=headers,
+                                        timeout=30)
+            if path.startswith("/health"):
+                assert response.status_code == 200, path
+            else:
+                assert response.status_code == 401 and response.json() == {"error": "Unauthorized"}, path
+
+
 @pytest.mark.parametrize("path, data, body", [
     ("/generate", b'{"input_ids": [1, 2', None),
     ("/generate", None, {"input_ids": [1], "sampling_params": {"top_p": 1.5}}),

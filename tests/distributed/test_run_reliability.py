@@ -5,6 +5,8 @@
   steps 1, 2 and 3 are identical), counted in `skipped_steps`, and
   `train.max_skipped_steps=2` steps in a row stop the run: exit code 1, one
   line, the checkpoint of the last finished step.
+  The same run has an API key: no file it writes (config, checkpoints,
+  metrics, wandb, server logs) contains it.
 - A checkpoint directory on a read-only filesystem: the first save fails, the
   run exits 1 with one line naming the directory and the reason.
 """
@@ -41,6 +43,7 @@ Policy.forward_backward = poisoned
 sys.exit(main(sys.argv[1:]))
 """
 UPDATES_PER_STEP = 2  # the demo config's num_epochs x num_minibatches
+API_KEY = "never-write-this-key-0123"
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,8 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(assets, tmp_path):
     code = POISONED_TRAIN.replace("UPDATES_PER_STEP", str(UPDATES_PER_STEP))
     result = subprocess.run([sys.executable, "-c", code, *train_args(
         assets, out, "train.max_steps=10", "train.max_skipped_steps=2", "checkpoint.save_every=1",
-        "checkpoint.keep_last=5")], capture_output=True, text=True, timeout=900)
+        "checkpoint.keep_last=5", f"rollout.api_key={API_KEY}", "logging.wandb_mode=offline")],
+        capture_output=True, text=True, timeout=900)
     last_line = result.stderr.strip().splitlines()[-1]
     print(f"\n{last_line}")
     assert result.returncode == 1, result.stderr[-3000:]
@@ -79,6 +83,11 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(assets, tmp_path):
             weights[step].update(load_file(shard))
     assert weights[1].keys() == weights[3].keys()
     assert all(weights[1][name].equal(weights[3][name]) for name in weights[1])
+
+    written = [path for path in out.rglob("*") if path.is_file()]
+    assert any("server_logs" in str(path) for path in written) and any("wandb" in str(path) for path in written)
+    assert [path for path in written if API_KEY.encode() in path.read_bytes()] == []
+    assert API_KEY not in result.stdout + result.stderr
 
 
 def test_a_read_only_checkpoint_directory_stops_the_run_with_one_line(assets, tmp_path):
