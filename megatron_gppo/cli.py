@@ -34,22 +34,22 @@ EXIT_RUN_ABORTED = 1
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse already exits with 2 on usage errors; keep its message to one line."""
+class OneLineParser(argparse.ArgumentParser):
+    """argparse already exits with 2 on usage errors; keep its message to one line (the CLI and every tool)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="megatron-gppo",
         description="CE-GPPO reinforcement learning on a Megatron-Core policy with SGLang rollouts.",
     )
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of user errors")
     parser.add_argument("--verbose", action="store_true",
                         help="show other packages' warnings (train and sft write them to OUTPUT_DIR/logs/)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         sub_parser.set_defaults(_module=module_name)

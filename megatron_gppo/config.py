@@ -507,6 +507,8 @@ def _config_error(error: ValidationError) -> ConfigError:
         return ConfigError(key, f"got {type(limit)(value)!r}, expected {describe_field(where.field)}")
     if kind == "string_too_short":
         return ConfigError(key, f"got {value!r}, expected a non-empty string")
+    if where.field is None:  # not a field's value (e.g. a key that is no string)
+        return ConfigError(".".join(map(str, loc)) or "(top level)", problem["msg"])
     return ConfigError(key, f"got {value!r}, expected {describe_field(where.field, with_bound=False)}")
 
 
@@ -528,6 +530,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(text, "override must look like section.key=value")
     key, raw = text.split("=", 1)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the shell could not decode arrive as lone surrogates
+        raise ConfigError(key.encode("utf-8", "replace").decode(), "override is not valid UTF-8") from None
     if raw.strip().lower() == "none":
         return key.strip(), None
     try:
@@ -556,7 +562,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x})") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""

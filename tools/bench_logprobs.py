@@ -34,6 +34,8 @@ import time
 
 import torch
 
+from megatron_gppo.cli import OneLineParser
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _WORKER_FLAG = "--_worker"
 
@@ -149,7 +151,7 @@ def _run_isolated(job: dict) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts (default: 2048 8192 on cpu, 8192 on cuda)")
     parser.add_argument("--hidden", type=int, default=896)

@@ -52,11 +52,13 @@ from dataclasses import replace
 
 import torch
 
+from megatron_gppo.cli import OneLineParser
+
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     model = parser.add_argument_group("model (ignored with --hf-config)")
     model.add_argument("--hf-config", help="HF config.json (or its directory) to build the model from")
     model.add_argument("--num-layers", type=int, default=4)

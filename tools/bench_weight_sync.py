@@ -11,13 +11,14 @@ repeats, after a warm-up) per method.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from megatron_gppo.cli import OneLineParser
 
 
 def build_model(path: Path, *, hidden_size: int, num_layers: int, vocab_size: int, intermediate_size: int):
@@ -34,7 +35,7 @@ def build_model(path: Path, *, hidden_size: int, num_layers: int, vocab_size: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden-size", type=int, default=768)
     parser.add_argument("--num-layers", type=int, default=12)
     parser.add_argument("--vocab-size", type=int, default=32000)

@@ -20,11 +20,11 @@ import argparse
 import sys
 import time
 
-from megatron_gppo.cli import tool_main
+from megatron_gppo.cli import OneLineParser, tool_main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--megatron-dir", required=True,
                         help="megatron checkpoint directory, or a run / checkpoints directory (uses its latest)")
     parser.add_argument("--output-dir", required=True, help="HF model directory to create (must not exist or be empty)")

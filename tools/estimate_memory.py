@@ -25,7 +25,7 @@ import json
 import sys
 from dataclasses import dataclass
 
-from megatron_gppo.cli import tool_main
+from megatron_gppo.cli import OneLineParser, tool_main
 from megatron_gppo.config import load_config
 from megatron_gppo.model.arch import ModelArch
 from megatron_gppo.model.memory import MemoryEstimate, estimate_memory
@@ -51,7 +51,7 @@ class Request:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides of --config")
     source = parser.add_argument_group("what to estimate")
     source.add_argument("--config", help="run config YAML (megatron-gppo train's)")

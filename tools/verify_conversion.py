@@ -17,13 +17,13 @@ import argparse
 import json
 import sys
 
-from megatron_gppo.cli import tool_main
+from megatron_gppo.cli import OneLineParser, tool_main
 
 DEFAULT_ATOL = {"float32": 1e-4, "bfloat16": 5e-2}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-dir", required=True, help="HF model directory")
     parser.add_argument("--megatron-dir", required=True, help="megatron checkpoint (or run) directory")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel size (default 1)")

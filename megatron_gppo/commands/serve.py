@@ -21,12 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-length", type=int, default=0,
                         help="longest prompt + response; 0 uses the model's max_position_embeddings")
     parser.add_argument("--weight-version", default="default", help="initial weight version (default 'default')")
+    parser.add_argument("--max-request-mb", type=int, default=256,
+                        help="largest request body accepted; larger ones get 413 (default 256)")
 
 
 def run(args: argparse.Namespace) -> int:
     from megatron_gppo.rollout.server import ServerArgs, run_server
 
-    for name in ("max_running_requests", "max_prefill_tokens"):
+    for name in ("max_running_requests", "max_prefill_tokens", "max_request_mb"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.port <= 65535:
@@ -35,6 +37,6 @@ def run(args: argparse.Namespace) -> int:
         model_path=args.model_path, host=args.host, port=args.port, api_key=args.api_key, dtype=args.dtype,
         max_running_requests=args.max_running_requests, max_prefill_tokens=args.max_prefill_tokens,
         random_seed=args.random_seed, num_threads=args.num_threads, context_length=args.context_length,
-        weight_version=args.weight_version,
+        weight_version=args.weight_version, max_request_mb=args.max_request_mb,
     ))
     return 0

@@ -99,6 +99,8 @@ class ServerArgs:
     context_length: int = 0
     """0 takes max_position_embeddings from the model config."""
     weight_version: str = "default"
+    max_request_mb: int = 256
+    """Largest request body; larger ones get 413."""
 
 
 class _BadRequest(Exception):
@@ -135,8 +137,15 @@ def _error(status: int, message: str, *, control: bool = False) -> web.Response:
     return web.json_response(body, status=status)
 
 
+async def _body_text(request: web.Request) -> str:
+    try:
+        return (await request.read()).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _BadRequest(f"the request body is not UTF-8 ({err.reason} at byte {err.start})") from None
+
+
 async def _read_json(request: web.Request) -> Any:
-    text = await request.text()
+    text = await _body_text(request)
     if not text.strip():
         raise _BadRequest("the request body is empty; expected a JSON object")
     try:
@@ -147,7 +156,7 @@ async def _read_json(request: web.Request) -> Any:
 
 async def _read(request: web.Request, model: type[RequestModel], *, allow_empty: bool = False) -> RequestModel:
     """The body as `model` (one of SGLang's request classes); an empty body is the defaults if allowed."""
-    if allow_empty and not (await request.text()).strip():
+    if allow_empty and not (await _body_text(request)).strip():
         return model()
     try:
         return validate(model, await _read_json(request))
@@ -195,7 +204,8 @@ class RolloutServer:
     # -- plumbing --------------------------------------------------------------
 
     def build_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._auth, self._errors], client_max_size=256 * 1024 ** 2)
+        app = web.Application(middlewares=[self._auth, self._errors],
+                              client_max_size=self.args.max_request_mb * 2**20)
         for method, path, handler in ROUTES:
             app.router.add_route(method, path, getattr(self, handler))
         return app
