@@ -25,6 +25,14 @@ HEADLINE = ("reward_mean", "eval_accuracy", "entropy", "clip_frac_low", "clip_fr
             "sft_loss")
 
 
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
 @contextmanager
 def _argv(argv: list[str]) -> Iterator[None]:
     """`sys.argv` is `argv` inside the block."""
@@ -44,7 +52,11 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _truncate_after(path: Path, step: int) -> None:
-    kept = [r for r in read_metrics(path) if r["step"] <= step]
+    """Keep the records up to `step`; a last line cut short by a kill mid-write is dropped with them."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    if lines and not _parses(lines[-1]):
+        lines.pop()
+    kept = [r for r in map(json.loads, filter(str.strip, lines)) if r["step"] <= step]
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
@@ -88,7 +100,7 @@ class MetricsLogger:
         """A stable wandb run id stored in the run directory, so resumes continue one run."""
         id_file = self.run_dir / "wandb_id"
         if not id_file.exists():
-            id_file.write_text(uuid.uuid4().hex[:8])
+            write_text_atomic(id_file, uuid.uuid4().hex[:8])
         return id_file.read_text().strip()
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:

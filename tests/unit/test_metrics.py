@@ -27,6 +27,16 @@ def test_log_then_resume_drops_steps_after_the_checkpoint(tmp_path):
     assert records[2] == {"step": 3, **fake_step(3)}
 
 
+def test_resume_drops_a_line_cut_short_by_a_kill(tmp_path):
+    logger = MetricsLogger(run_dir=tmp_path, config=QUIET, run_config={}, max_steps=5)
+    for step in range(1, 4):
+        logger.log(step, fake_step(step))
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(path.read_text() + json.dumps({"step": 4, **fake_step(4)})[:25])  # SIGKILL mid-write
+    MetricsLogger(run_dir=tmp_path, config=QUIET, run_config={}, max_steps=5, start_step=3).log(4, fake_step(4))
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4]
+
+
 def test_summary_table_reports_first_last_best(tmp_path):
     records = [{"step": s, **fake_step(s)} for s in (1, 2, 3)]
     records[1]["eval_accuracy"] = 0.5
