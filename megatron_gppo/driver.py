@@ -26,13 +26,18 @@ from megatron_gppo.data import PromptSampler, encode_prompt, load_prompts, pad_t
 from megatron_gppo.experience import collect_experience, evaluate
 from megatron_gppo.metrics import MetricsLogger
 from megatron_gppo.model.arch import ModelArch
+from megatron_gppo.rollout.client import RolloutError
 from megatron_gppo.rollout.engine import mix_seed
+from megatron_gppo.rollout.sglang_engine import RolloutServerLost
 
 logger = logging.getLogger(__name__)
 
 # Evaluation draws its sampling seeds from a stream of its own, apart from the training steps'.
 _EVAL_SEED_OFFSET = 500_009
 
+
+# What the driver answers instead of rollouts or a sync when a local server died and was started again.
+SERVERS_RESTARTED = "servers-restarted"
 
 # The entropy controller says once that it cannot reach its band after this many saturated steps.
 SATURATION_WARNING_STEPS = 10
@@ -154,6 +159,11 @@ class Driver:
                                                work_dir=self.run_dir / "rollout", progress=False,
                                                num_threads=cpu_threads_per_process(config))
         self.memory_released = False
+        # Local servers restarted since the last weight sync (they serve stale weights until it), the
+        # restarts already in metrics, and why a server could not be brought back.
+        self.num_unsynced_restarts = 0
+        self.num_restarts_logged = self.num_retries_logged = self.num_stale_logged = 0
+        self.lost = ""
 
     def _load(self, path: str, key: str) -> tuple[list, list[list[int]]]:
         if not path:
@@ -173,8 +183,35 @@ class Driver:
                            data.max_prompt_tokens)
         return kept, ids
 
-    def collect_rollouts(self, step: int) -> RolloutBatch:
-        """Generate, score and filter this step's samples (seeded by the step, so a resume repeats them)."""
+    def collect_rollouts(self, step: int) -> RolloutBatch | str:
+        """Generate, score and filter this step's samples (seeded by the step, so a resume repeats them).
+
+        Or, as a string: `SERVERS_RESTARTED` when a local server died and was started again (the
+        caller syncs the weights and asks again: the same prompts and seeds), or why the rollout failed.
+        """
+        if self._restart_dead_servers():
+            return SERVERS_RESTARTED
+        if self.lost:
+            return self.lost
+        sampler_state, betas_state = self.sampler.state_dict(), self.betas.state_dict()
+        try:
+            return self._collect_rollouts(step)
+        except RolloutError as err:
+            self.sampler.load_state_dict(sampler_state)
+            self.betas.load_state_dict(betas_state)
+            if self._restart_dead_servers():
+                return SERVERS_RESTARTED
+            return self.lost or f"rollout failed: {str(err).splitlines()[0]}"
+
+    def _restart_dead_servers(self) -> bool:
+        """Restart dead local servers; whether some restarted server still lacks the current weights."""
+        try:
+            self.num_unsynced_restarts += self.engine.restart_dead_servers()
+        except RolloutServerLost as err:
+            self.lost = str(err)
+        return self.num_unsynced_restarts > 0 and not self.lost
+
+    def _collect_rollouts(self, step: int) -> RolloutBatch:
         beta1, beta2 = self.betas.betas(step, entropy=self.last_entropy, sensitivities=self.last_sensitivities)
         if isinstance(self.betas, EntropyTargetController) and self.betas.saturated_steps == SATURATION_WARNING_STEPS:
             logger.warning("entropy_target: entropy %.4f has been outside [%g, %g] for %d steps with both betas at "
@@ -197,11 +234,27 @@ class Driver:
         return RolloutBatch(batch=pack_samples(experience.samples, pad_id=self.pad_id), beta1=beta1, beta2=beta2,
                             metrics=metrics)
 
-    def update_weights(self, named_tensors, *, version: str) -> None:
-        if self.memory_released:
-            self.engine.resume_memory()
-            self.memory_released = False
-        self.engine.update_weights(named_tensors, version=version)
+    def update_weights(self, named_tensors, *, version: str) -> str:
+        """Send the weights to every server: '' when they all have them, `SERVERS_RESTARTED` when one died
+        during the sync and was started again (sync again), or why it failed. Always consumes
+        `named_tensors`, whose gathers the other ranks take part in."""
+        self._restart_dead_servers()  # servers that died since the last sync get the weights now
+        try:
+            if self.lost:
+                return self.lost
+            if self.memory_released:
+                self.engine.resume_memory()
+                self.memory_released = False
+            self.engine.update_weights(named_tensors, version=version)
+        except RolloutError as err:
+            if self._restart_dead_servers():
+                return SERVERS_RESTARTED
+            return self.lost or f"weight sync {version} failed: {str(err).splitlines()[0]}"
+        finally:
+            for _ in named_tensors:  # the rest of a sync that stopped early
+                pass
+        self.num_unsynced_restarts = 0
+        return ""
 
     def maybe_evaluate(self, step: int, *, force: bool = False) -> dict[str, float]:
         """Evaluate on the held-out prompts when due; step 0 is logged on its own."""
@@ -210,9 +263,15 @@ class Driver:
         if not self.eval_prompts or not due:
             return {}
         sampling = replace(self.eval_sampling, seed=mix_seed(self.config.train.seed, _EVAL_SEED_OFFSET + step))
-        metrics = evaluate(engine=self.engine, prompts=self.eval_prompts, encoded_prompts=self.eval_ids,
-                           reward_fn=self.reward, sampling=sampling,
-                           num_samples=self.config.train.eval_samples_per_prompt)
+        try:
+            metrics = evaluate(engine=self.engine, prompts=self.eval_prompts, encoded_prompts=self.eval_ids,
+                               reward_fn=self.reward, sampling=sampling,
+                               num_samples=self.config.train.eval_samples_per_prompt)
+        except RolloutError as err:
+            # The next rollout restarts the dead server and syncs it first.
+            logger.warning("step %d: evaluation skipped, a rollout server failed (%s)", step,
+                           str(err).splitlines()[0])
+            return {}
         if step == 0:
             self.logger.log(0, metrics)
         return metrics
@@ -221,6 +280,11 @@ class Driver:
         metrics.update(self.maybe_evaluate(step))
         self.last_entropy = metrics.get("entropy")
         self.last_sensitivities = [metrics.get("entropy_sensitivity_beta1"), metrics.get("entropy_sensitivity_beta2")]
+        metrics["rollout_server_restarts"] = float(self.engine.num_restarts - self.num_restarts_logged)
+        metrics["rollout_retries"] = float(self.engine.num_retries - self.num_retries_logged)
+        metrics["rollout_stale_samples"] = float(self.engine.num_stale_samples - self.num_stale_logged)
+        self.num_restarts_logged, self.num_retries_logged = self.engine.num_restarts, self.engine.num_retries
+        self.num_stale_logged = self.engine.num_stale_samples
         self.num_skipping_steps = self.num_skipping_steps + 1 if metrics["skipped_steps"] else 0
         if metrics["skipped_steps"]:
             logger.warning("step %d: %d of %d optimizer updates skipped (non-finite loss or gradient; weights "
@@ -228,7 +292,10 @@ class Driver:
         self.logger.log(step, metrics)
 
     def failure(self) -> str:
-        """Why the run cannot go on ('' when it can): too many steps in a row with non-finite updates."""
+        """Why the run cannot go on ('' when it can): a rollout server lost, or too many steps in a row with
+        non-finite updates."""
+        if self.lost:
+            return self.lost
         limit = self.config.train.max_skipped_steps
         if self.num_skipping_steps < limit:
             return ""

@@ -25,13 +25,16 @@ import torch.distributed as dist
 from megatron_gppo.algorithm import combine_metrics, loss_kwargs
 from megatron_gppo.batching import PolicyBatch
 from megatron_gppo.config import RunConfig
-from megatron_gppo.driver import Driver, RolloutBatch, setup_policy
+from megatron_gppo.driver import SERVERS_RESTARTED, Driver, RolloutBatch, setup_policy
 from megatron_gppo.errors import RunAborted
 from megatron_gppo.model.arch import ModelArch
 from megatron_gppo.model.policy import Policy
 from megatron_gppo.packing import rank_batch
 
 logger = logging.getLogger(__name__)
+
+# Weight syncs in a row that may find a rollout server died (and restart it) before the run gives up.
+MAX_SYNC_ATTEMPTS = 3
 
 
 def loss_hparams(config: RunConfig, *, beta1: float, beta2: float) -> dict:
@@ -131,7 +134,8 @@ def run(config: RunConfig) -> None:
     try:
         # The servers start from the HF weights on disk; after a resume (or from a
         # megatron checkpoint) they must get the policy's actual weights first.
-        sync_weights(policy, driver, arch=arch, version=f"step-{start_step}")
+        if failure := sync_weights(policy, driver, arch=arch, version=f"step-{start_step}"):
+            raise RunAborted(failure)
         if driver is not None:
             driver.maybe_evaluate(start_step, force=start_step == 0)
         saved_step, step_time_s = start_step, 0.0
@@ -152,13 +156,23 @@ def run(config: RunConfig) -> None:
                 break
             step_started = time.monotonic()
             rollouts = from_driver(driver.collect_rollouts(step) if driver is not None else None)
+            while rollouts == SERVERS_RESTARTED:  # they serve the initial weights: sync, then ask again
+                failure = sync_weights(policy, driver, arch=arch, version=f"step-{step - 1}")
+                rollouts = failure or from_driver(driver.collect_rollouts(step) if driver is not None else None)
+            if isinstance(rollouts, str):
+                if saved_step < step - 1:
+                    save(policy, driver, config=config, step=step - 1)
+                raise RunAborted(f"stopped after step {step - 1}: {rollouts}; its checkpoint is saved")
             metrics = {**rollouts.metrics, **train_on_batch(policy, rollouts, config=config)}
             if config.rollout.colocate and torch.cuda.is_available():
                 torch.cuda.empty_cache()  # give cached training memory back before the servers resume theirs
-            sync_weights(policy, driver, arch=arch, version=f"step-{step}")
+            failure = sync_weights(policy, driver, arch=arch, version=f"step-{step}")
             metrics["step_time_s"] = time.monotonic() - step_started
             if driver is not None:
                 driver.finish_step(step, metrics)
+            if failure:
+                save(policy, driver, config=config, step=step)
+                raise RunAborted(f"stopped after step {step}: {failure}; its checkpoint is saved")
             last = step == config.train.max_steps
             if last and config.train.export_hf:
                 # Before the final checkpoint: a run stopped in between redoes its last steps and this export.
@@ -172,16 +186,25 @@ def run(config: RunConfig) -> None:
             driver.close()
 
 
-def sync_weights(policy: Policy, driver: Driver | None, *, arch: ModelArch, version: str) -> None:
-    """Stream the policy's weights, Hugging Face-named, to the rollout servers (collective over the job)."""
+def sync_weights(policy: Policy, driver: Driver | None, *, arch: ModelArch, version: str) -> str:
+    """Stream the policy's weights, Hugging Face-named, to the rollout servers (collective over the job).
+
+    Again when a local server died during it and was restarted. Returns '' or, on every rank, why it failed.
+    """
     from megatron_gppo.checkpoint.live import iter_hf_tensors
 
-    tensors = iter_hf_tensors(policy.chunks, arch=arch, all_stages=True)
-    if driver is not None:
-        driver.update_weights(tensors, version=version)
-    else:
-        for _ in tensors:  # take part in the gathers; only rank 0 sends
-            pass
+    for _ in range(MAX_SYNC_ATTEMPTS):
+        tensors = iter_hf_tensors(policy.chunks, arch=arch, all_stages=True)
+        if driver is not None:
+            status = driver.update_weights(tensors, version=version)
+        else:
+            for _ in tensors:  # take part in the gathers; only rank 0 sends
+                pass
+            status = None
+        status = from_driver(status)
+        if status != SERVERS_RESTARTED:
+            return status
+    return f"weight sync {version}: rollout servers kept dying ({MAX_SYNC_ATTEMPTS} attempts)"
 
 
 def export_policy(policy: Policy, *, arch: ModelArch, config: RunConfig) -> None:

@@ -87,8 +87,11 @@ class _Retryable(Exception):
 class _ServerPool:
     """Picks the least-loaded live server; servers that refused connections return after a /health probe."""
 
-    def __init__(self, urls: Sequence[str], probe: Callable[[str], Awaitable[bool]], stats: GenerateStats) -> None:
+    def __init__(self, urls: Sequence[str], probe: Callable[[str], Awaitable[bool]], stats: GenerateStats, *,
+                 gone: Callable[[str], bool] = lambda url: False) -> None:
+        """`gone(url)`: known never to answer again (a local server whose process exited)."""
         self.urls = list(urls)
+        self._gone = gone
         self.in_flight = {url: 0 for url in urls}
         self.down_until: dict[str, float] = {}
         self.failed_probes: dict[str, int] = {}
@@ -107,7 +110,7 @@ class _ServerPool:
                 url = min(live, key=lambda u: (self.in_flight[u], random.random()))
                 self.in_flight[url] += 1
                 return url
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or all(self._gone(url) for url in self.urls):
                 raise RolloutError(f"no rollout server answers: {', '.join(self.urls)}")
             await asyncio.sleep(0.2)
 
@@ -177,6 +180,8 @@ class SGLangClient:
         self.control_timeout_s = control_timeout_s
         self.progress = progress
         self.last_stats = GenerateStats()
+        self.num_retries = 0
+        """Generate requests retried (on this server or another), over the client's life."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="sglang-client", daemon=True)
         self._thread.start()
@@ -229,7 +234,7 @@ class SGLangClient:
         in_flight: dict[str, str] = {}  # rid -> url, for abort on cancellation
         start = time.monotonic()
         timeout = aiohttp.ClientTimeout(total=self.request_timeout_s)
-        pool = _ServerPool(self.generation_urls, self._probe, stats)
+        pool = _ServerPool(self.generation_urls, self._probe, stats, gone=self.server_gone)
         with tqdm(total=len(jobs), desc=desc, unit="sample", disable=not self.progress, dynamic_ncols=True) as bar:
 
             async def run(group: int, sample: int) -> None:
@@ -291,6 +296,7 @@ class SGLangClient:
             if failures > self.max_retries:
                 raise RolloutError(f"request {rid} failed {failures} times; last error from {url}: {error}")
             stats.retries += 1
+            self.num_retries += 1
             logger.debug("retrying %s after %s", rid, error)
             # Failing over to another live server needs no wait; retrying the same one does.
             if not (error.server_down and pool.live()):
@@ -311,6 +317,11 @@ class SGLangClient:
             raise _Retryable(f"{type(err).__name__}: {err}", server_down=True) from err
         except asyncio.TimeoutError as err:
             raise _Retryable(f"no answer within {self.request_timeout_s}s") from err
+
+    def server_gone(self, url: str) -> bool:
+        """Whether `url` is known never to answer again (the client cannot know; an engine that started
+        the server can)."""
+        return False
 
     async def _probe(self, url: str) -> bool:
         try:

@@ -103,6 +103,16 @@ class RolloutEngine(Protocol):
         """Stream Hugging Face-named tensors to every server; afterwards all report `version`."""
         ...
 
+    def restart_dead_servers(self) -> int:
+        """Start again the servers this engine started whose process died; how many. They need a weight
+        sync before they generate."""
+        ...
+
+    num_restarts: int
+    """Servers restarted so far."""
+    num_retries: int
+    """Generate requests retried so far (on the same server or another)."""
+
     def release_memory(self) -> None:
         """Free accelerator memory (colocated runs) until `resume_memory`."""
         ...

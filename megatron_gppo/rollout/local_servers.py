@@ -67,32 +67,52 @@ class LocalServers:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
             for i in range(self.num_servers):
-                log_path = self.log_dir / f"server-{i}.log"
-                # --verbose: a server's log file is the place for its libraries' warnings.
-                command = [sys.executable, "-m", "megatron_gppo.cli", "--verbose", "serve",
-                           "--model-path", self.model_path, "--host", "127.0.0.1", "--port", "0", "--dtype", self.dtype,
-                           "--num-threads", str(self.num_threads), "--random-seed", str(i), *self.extra_args]
-                if self.api_key:
-                    command += ["--api-key", self.api_key]
-                with open(log_path, "w") as log:
-                    self.processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                                           stdin=subprocess.DEVNULL, env=_server_env()))
-                self.log_paths.append(log_path)
+                self.processes.append(self._spawn(i))
+                self.log_paths.append(self.log_dir / f"server-{i}.log")
             self.urls = [self._wait_ready(i) for i in range(self.num_servers)]
         except BaseException:
             self.stop()
             raise
         return self.urls
 
-    def _wait_ready(self, index: int) -> str:
+    def _spawn(self, index: int, *, log_mode: str = "w") -> subprocess.Popen:
+        # --verbose: a server's log file is the place for its libraries' warnings.
+        command = [sys.executable, "-m", "megatron_gppo.cli", "--verbose", "serve",
+                   "--model-path", self.model_path, "--host", "127.0.0.1", "--port", "0", "--dtype", self.dtype,
+                   "--num-threads", str(self.num_threads), "--random-seed", str(index), *self.extra_args]
+        if self.api_key:
+            command += ["--api-key", self.api_key]
+        with open(self.log_dir / f"server-{index}.log", log_mode) as log:
+            return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=_server_env())
+
+    def dead(self) -> list[int]:
+        """Indices of the servers whose process has exited."""
+        return [i for i, process in enumerate(self.processes) if process.poll() is not None]
+
+    def restart(self, index: int) -> str:
+        """Start server `index` again (its log goes on in the same file); returns its new URL.
+
+        It serves the weights in `model_path` until it gets others. RuntimeError / TimeoutError
+        when it does not come up.
+        """
+        assert self.processes[index].poll() is not None, f"server {index} is still running"
+        log_path = self.log_paths[index]
+        start = len(log_path.read_text(errors="replace")) if log_path.exists() else 0
+        self.processes[index] = self._spawn(index, log_mode="a")
+        self.urls[index] = self._wait_ready(index, from_char=start)
+        return self.urls[index]
+
+    def _wait_ready(self, index: int, *, from_char: int = 0) -> str:
+        """The URL on server `index`'s ready line, read from its log after character `from_char`."""
         deadline = time.monotonic() + self.startup_timeout_s
         process, log_path = self.processes[index], self.log_paths[index]
         while time.monotonic() < deadline:
-            match = _READY.search(log_path.read_text(errors="replace"))
+            match = _READY.search(log_path.read_text(errors="replace")[from_char:])
             if match:
                 return match.group(1)
             if process.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-2000:]
+                tail = log_path.read_text(errors="replace")[from_char:][-2000:]
                 raise RuntimeError(f"rollout server {index} exited with code {process.returncode}:\n{tail}")
             time.sleep(0.1)
         raise TimeoutError(f"rollout server {index} not ready after {self.startup_timeout_s:.0f}s (log: {log_path})")

@@ -24,6 +24,7 @@ whole update has landed.
 from __future__ import annotations
 
 import base64
+import logging
 import io
 import shutil
 import threading
@@ -46,6 +47,7 @@ from megatron_gppo.rollout.sglang_requests import (DestroyWeightsUpdateGroupReqI
 from megatron_gppo.rollout.process_group import (broadcast_from_trainer, destroy_weight_update_group, dtype_name,
                                                  init_weight_update_group)
 
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
@@ -215,6 +217,9 @@ class DistributedWeightSync:
         try:
             self.client.call_each("/destroy_weights_update_group",
                                   body(DestroyWeightsUpdateGroupReqInput(group_name=self.active_group_name)))
+        except RolloutError as err:  # a server that is gone has no group to destroy
+            logger.warning("weight update group %s not destroyed everywhere: %s", self.active_group_name,
+                           str(err).splitlines()[0])
         finally:
             destroy_weight_update_group(self.group)
             self.group = None

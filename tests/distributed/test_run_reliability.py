@@ -9,12 +9,22 @@
   metrics, wandb, server logs) contains it.
 - A checkpoint directory on a read-only filesystem: the first save fails, the
   run exits 1 with one line naming the directory and the reason.
+- Rollout servers killed mid-run (SIGKILL) are restarted by the trainer and
+  synced before they generate again (the trainer's and the servers' log-probs
+  keep agreeing to float rounding); with two servers the other one takes the
+  requests meanwhile. A server that cannot start again ends the run with one
+  line naming it, and a checkpoint of the last finished step.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from safetensors.torch import load_file
@@ -113,3 +123,73 @@ def test_a_read_only_checkpoint_directory_stops_the_run_with_one_line(assets, tm
     assert last_line.endswith("the latest complete checkpoint is none (free space or fix the permissions, then "
                               "rerun to resume)")
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
+
+
+def _server_pids(trainer: subprocess.Popen) -> list[int]:
+    """The `megatron-gppo serve` processes the trainer started."""
+    found = subprocess.run(["pgrep", "-P", str(trainer.pid), "-f", "megatron_gppo.cli --verbose serve"],
+                           capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in found]
+
+
+def _wait_for_steps(out, num_steps: int, trainer: subprocess.Popen, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(read_metrics(out / "metrics.jsonl")) < num_steps:
+        assert trainer.poll() is None, f"the run ended before step {num_steps}"
+        assert time.monotonic() < deadline, f"no step {num_steps} after {timeout_s}s"
+        time.sleep(0.05)
+
+
+def _train_killing_servers(assets, out, *overrides, kill_after_steps, before_kill=lambda: None):
+    """Run to the end (or failure), SIGKILLing one rollout server after each step count in `kill_after_steps`."""
+    trainer = subprocess.Popen([sys.executable, "-m", "megatron_gppo.cli", *train_args(assets, out, *overrides)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for num_steps in kill_after_steps:
+            _wait_for_steps(out, num_steps, trainer)
+            before_kill()
+            os.kill(_server_pids(trainer)[0], signal.SIGKILL)
+        stdout, stderr = trainer.communicate(timeout=900)
+    finally:
+        if trainer.poll() is None:
+            os.killpg(trainer.pid, signal.SIGKILL)
+            trainer.wait()
+    return trainer.returncode, stdout + stderr
+
+
+@pytest.mark.parametrize("num_servers", [1, 2])
+def test_killed_rollout_servers_are_restarted_and_synced_before_they_serve(assets, tmp_path, num_servers):
+    out = tmp_path / "run"
+    code, output = _train_killing_servers(assets, out, "train.max_steps=8", f"rollout.num_local_servers={num_servers}",
+                                          "checkpoint.save_every=0", kill_after_steps=(2, 5))
+    assert code == 0, output[-3000:]
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert sum(r["rollout_server_restarts"] for r in records) == 2
+    mismatch = max(r["rollout_logprob_abs_diff"] for r in records)
+    print(f"\n{num_servers} server(s): restarts per step {[r['rollout_server_restarts'] for r in records]}, "
+          f"retries {[r['rollout_retries'] for r in records]}, max |trainer - server log-prob| {mismatch:.1e}")
+    # Every sample came from the weights of the last sync (a restarted server reports 'default' until synced).
+    assert sum(r["rollout_stale_samples"] for r in records) == 0
+    assert mismatch < 1e-5
+    assert "died; restarting it" in output
+
+
+def test_a_server_that_cannot_restart_ends_the_run_with_one_line_and_a_checkpoint(assets, tmp_path):
+    model = shutil.copytree(assets / "hf", tmp_path / "hf")
+    out = tmp_path / "run"
+
+    def lose_the_weights():
+        for shard in model.glob("*.safetensors"):
+            shard.unlink()
+    code, output = _train_killing_servers(assets, out, f"model.hf_path={model}", "train.max_steps=8",
+                                          "checkpoint.save_every=0", kill_after_steps=(2,),
+                                          before_kill=lose_the_weights)
+    last_line = output.strip().splitlines()[-1]
+    print(f"\n{last_line}")
+    assert code == 1 and "Traceback" not in output, output[-3000:]
+    assert re.fullmatch(r"megatron-gppo train: error: stopped after step (\d): rollout server http://127\.0\.0\.1:\d+ "
+                        r"died and did not come back \(.*; log: .*server-0\.log\); its checkpoint is saved", last_line)
+    step = int(re.search(r"after step (\d)", last_line).group(1))
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, step + 1))
