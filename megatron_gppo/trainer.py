@@ -9,7 +9,11 @@ One step, on every rank of the job:
 The driver (global rank 0) owns the prompts, the rollout engine, the reward
 and the logs (`Driver` in driver.py); every rank holds its part of the Megatron
 policy. Restarted on the same `train.output_dir`, a run resumes from its
-latest complete checkpoint.
+latest complete checkpoint. A local rollout server that died is restarted and
+gets the current weights before it generates again; a fault the run cannot
+get past (a server that does not come back, non-finite steps in a row)
+checkpoints the last finished step and ends the run with one line
+(`errors.RunAborted`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -144,9 +149,7 @@ def run(config: RunConfig) -> None:
             failure, reason = from_driver((driver.failure(), driver.stop_reason(next_step_s=step_time_s))
                                           if driver is not None else None)
             if failure:
-                if saved_step < step - 1:
-                    save(policy, driver, config=config, step=step - 1)
-                raise RunAborted(f"stopped after step {step - 1}: {failure}; its checkpoint is saved")
+                abort(policy, driver, config=config, step=step - 1, saved_step=saved_step, reason=failure)
             if reason:
                 if saved_step < step - 1:
                     save(policy, driver, config=config, step=step - 1)
@@ -160,9 +163,7 @@ def run(config: RunConfig) -> None:
                 failure = sync_weights(policy, driver, arch=arch, version=f"step-{step - 1}")
                 rollouts = failure or from_driver(driver.collect_rollouts(step) if driver is not None else None)
             if isinstance(rollouts, str):
-                if saved_step < step - 1:
-                    save(policy, driver, config=config, step=step - 1)
-                raise RunAborted(f"stopped after step {step - 1}: {rollouts}; its checkpoint is saved")
+                abort(policy, driver, config=config, step=step - 1, saved_step=saved_step, reason=rollouts)
             metrics = {**rollouts.metrics, **train_on_batch(policy, rollouts, config=config)}
             if config.rollout.colocate and torch.cuda.is_available():
                 torch.cuda.empty_cache()  # give cached training memory back before the servers resume theirs
@@ -171,8 +172,7 @@ def run(config: RunConfig) -> None:
             if driver is not None:
                 driver.finish_step(step, metrics)
             if failure:
-                save(policy, driver, config=config, step=step)
-                raise RunAborted(f"stopped after step {step}: {failure}; its checkpoint is saved")
+                abort(policy, driver, config=config, step=step, saved_step=saved_step, reason=failure)
             last = step == config.train.max_steps
             if last and config.train.export_hf:
                 # Before the final checkpoint: a run stopped in between redoes its last steps and this export.
@@ -193,7 +193,7 @@ def sync_weights(policy: Policy, driver: Driver | None, *, arch: ModelArch, vers
     """
     from megatron_gppo.checkpoint.live import iter_hf_tensors
 
-    for _ in range(MAX_SYNC_ATTEMPTS):
+    for _attempt in range(MAX_SYNC_ATTEMPTS):
         tensors = iter_hf_tensors(policy.chunks, arch=arch, all_stages=True)
         if driver is not None:
             status = driver.update_weights(tensors, version=version)
@@ -205,6 +205,14 @@ def sync_weights(policy: Policy, driver: Driver | None, *, arch: ModelArch, vers
         if status != SERVERS_RESTARTED:
             return status
     return f"weight sync {version}: rollout servers kept dying ({MAX_SYNC_ATTEMPTS} attempts)"
+
+
+def abort(policy: Policy, driver: Driver | None, *, config: RunConfig, step: int, saved_step: int,
+          reason: str) -> NoReturn:
+    """Checkpoint `step` (unless it is already saved) and stop the run, on every rank, with one line."""
+    if saved_step < step:
+        save(policy, driver, config=config, step=step)
+    raise RunAborted(f"stopped after step {step}: {reason}; its checkpoint is saved")
 
 
 def export_policy(policy: Policy, *, arch: ModelArch, config: RunConfig) -> None:
