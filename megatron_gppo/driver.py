@@ -160,9 +160,9 @@ class Driver:
                                                num_threads=cpu_threads_per_process(config))
         self.memory_released = False
         # Local servers restarted since the last weight sync (they serve stale weights until it), the
-        # restarts already in metrics, and why a server could not be brought back.
+        # engine's running counts as of the last metrics line, and why a server could not be brought back.
         self.num_unsynced_restarts = 0
-        self.num_restarts_logged = self.num_retries_logged = self.num_stale_logged = 0
+        self.counts_logged = self._engine_counts()
         self.lost = ""
 
     def _load(self, path: str, key: str) -> tuple[list, list[list[int]]]:
@@ -280,16 +280,19 @@ class Driver:
         metrics.update(self.maybe_evaluate(step))
         self.last_entropy = metrics.get("entropy")
         self.last_sensitivities = [metrics.get("entropy_sensitivity_beta1"), metrics.get("entropy_sensitivity_beta2")]
-        metrics["rollout_server_restarts"] = float(self.engine.num_restarts - self.num_restarts_logged)
-        metrics["rollout_retries"] = float(self.engine.num_retries - self.num_retries_logged)
-        metrics["rollout_stale_samples"] = float(self.engine.num_stale_samples - self.num_stale_logged)
-        self.num_restarts_logged, self.num_retries_logged = self.engine.num_restarts, self.engine.num_retries
-        self.num_stale_logged = self.engine.num_stale_samples
+        counts = self._engine_counts()
+        metrics.update({key: float(count - self.counts_logged[key]) for key, count in counts.items()})
+        self.counts_logged = counts
         self.num_skipping_steps = self.num_skipping_steps + 1 if metrics["skipped_steps"] else 0
         if metrics["skipped_steps"]:
             logger.warning("step %d: %d of %d optimizer updates skipped (non-finite loss or gradient; weights "
                            "unchanged by them)", step, metrics["skipped_steps"], metrics["num_updates"])
         self.logger.log(step, metrics)
+
+    def _engine_counts(self) -> dict[str, int]:
+        """The engine's running counts, by the name of the per-step metric they become."""
+        return {"rollout_server_restarts": self.engine.num_restarts, "rollout_retries": self.engine.num_retries,
+                "rollout_stale_samples": self.engine.num_stale_samples}
 
     def failure(self) -> str:
         """Why the run cannot go on ('' when it can): a rollout server lost, or too many steps in a row with
