@@ -11,7 +11,9 @@ BIN := $(VENV)/bin
 # TORCH_SPEC to the CUDA build you want (or "" to keep a preinstalled one).
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
-# The SGLang release our request models mirror; tests read its wheel (never installed).
+# The SGLang release whose protocol we follow. Its wheel is installed without its
+# (GPU) dependencies into .cache/upstream/sglang-<version>, outside the venv: the
+# contract tests judge what we send with SGLang's own code from there.
 SGLANG_REFERENCE ?= 0.5.23
 UPSTREAM := .cache/upstream
 
@@ -25,11 +27,13 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-$(UPSTREAM)/.sglang-$(SGLANG_REFERENCE): | $(BIN)/.installed
+$(UPSTREAM)/sglang-$(SGLANG_REFERENCE)/.installed: | $(BIN)/.installed
 	$(BIN)/pip download --quiet --quiet --no-deps --dest $(UPSTREAM) "sglang==$(SGLANG_REFERENCE)"
+	$(BIN)/pip install --quiet --quiet --no-deps --no-compile --upgrade --target $(UPSTREAM)/sglang-$(SGLANG_REFERENCE) \
+		$(UPSTREAM)/sglang-$(SGLANG_REFERENCE)-*.whl
 	touch $@
 
-upstream: $(UPSTREAM)/.sglang-$(SGLANG_REFERENCE)
+upstream: $(UPSTREAM)/sglang-$(SGLANG_REFERENCE)/.installed
 
 demo: install
 	$(BIN)/python examples/demo_cpu.py

@@ -157,13 +157,16 @@ class RolloutConfig(Section):
     """Retries (with backoff) after connection errors and 5xx answers before a request fails."""
 
     weight_sync: Literal["distributed", "disk", "tensor"] = "distributed"
-    """How new weights reach the servers: broadcast over a process group, a safetensors dump, or CUDA IPC (colocated GPU only)."""
+    """How new weights reach the servers: broadcast over a process group, a safetensors dump, or shared memory (`tensor`: CUDA IPC on GPUs, shared CPU memory otherwise; colocated servers only, and what they need)."""
 
     weight_sync_bucket_mb: int = Field(512, ge=1)
     """Size of one weight-sync bucket in MiB."""
 
     colocate: bool = False
-    """The servers share the trainer's accelerators: their memory is released after each rollout and resumed before the weight sync (SGLang servers need --enable-memory-saver)."""
+    """The servers share the trainer's accelerators: their memory is released after each rollout and resumed before the weight sync (SGLang servers need --enable-memory-saver). Needs weight_sync=tensor."""
+
+    record_requests: bool = False
+    """Local servers log every request they receive (method, path, JSON body) to server_logs/requests-<i>.jsonl in the run's rollout directory: what the trainer sends, to debug the protocol."""
 
     weight_sync_address: str = ""
     """Trainer address the servers connect to for `distributed` weight sync; empty: 127.0.0.1 for local servers, this host's name otherwise. Set it on multi-NIC clusters."""
@@ -178,6 +181,10 @@ class RolloutConfig(Section):
         for url in self.server_urls + ([self.router_url] if self.router_url else []):
             if not url.startswith(("http://", "https://")):
                 raise ConfigError("server_urls", f"got {url!r}, expected URLs starting with http:// or https://")
+        if self.colocate and self.weight_sync == "distributed":
+            # NCCL refuses a group with two ranks on one GPU: trainer rank 0 and the server sharing it.
+            raise ConfigError("weight_sync", "'distributed' cannot sync colocated servers (their process group "
+                                             "would hold two ranks on one GPU); set rollout.weight_sync=tensor")
         return self
 
 

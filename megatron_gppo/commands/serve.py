@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-version", default="default", help="initial weight version (default 'default')")
     parser.add_argument("--max-request-mb", type=int, default=256,
                         help="largest request body accepted; larger ones get 413 (default 256)")
+    parser.add_argument("--request-log", default="",
+                        help="append every request received (method, path, JSON body) to this file as JSON lines, "
+                             "to see what a client sends")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,6 +40,6 @@ def run(args: argparse.Namespace) -> int:
         model_path=args.model_path, host=args.host, port=args.port, api_key=args.api_key, dtype=args.dtype,
         max_running_requests=args.max_running_requests, max_prefill_tokens=args.max_prefill_tokens,
         random_seed=args.random_seed, num_threads=args.num_threads, context_length=args.context_length,
-        weight_version=args.weight_version, max_request_mb=args.max_request_mb,
+        weight_version=args.weight_version, max_request_mb=args.max_request_mb, request_log=args.request_log,
     ))
     return 0

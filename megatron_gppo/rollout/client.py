@@ -38,9 +38,9 @@ import aiohttp
 
 from megatron_gppo.rollout.engine import SamplingParams
 from megatron_gppo.rollout.protocol import generate_payload, response_to_sample
-from megatron_gppo.rollout.sglang_requests import (AbortReq, ContinueGenerationReqInput, PauseGenerationReqInput,
-                                                   ReleaseMemoryOccupationReqInput, ResumeMemoryOccupationReqInput,
-                                                   body)
+from megatron_gppo.rollout.sglang_requests import (AbortReq, ContinueGenerationReqInput, EndWeightUpdateReqInput,
+                                                   PauseGenerationReqInput, ReleaseMemoryOccupationReqInput,
+                                                   ResumeMemoryOccupationReqInput, body)
 from megatron_gppo.types import Sample
 
 
@@ -49,6 +49,7 @@ T = TypeVar("T")
 
 _RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 _PROBE_TIMEOUT_S = 5.0
+_FLUSH_RETRY_S = 0.2
 _MAX_RETRY_DELAY_S = 10.0
 _MAX_DOWN_S = 30.0
 
@@ -341,17 +342,22 @@ class SGLangClient:
 
     # -- control ---------------------------------------------------------------
 
-    async def _request(self, url: str, path: str, payload: dict | None = None, *, method: str = "POST",
-                       timeout_s: float | None = None) -> Any:
-        """One control call; the JSON answer (None for an empty body). RolloutError on failure."""
+    async def _status(self, url: str, path: str, payload: dict | None = None, *, method: str = "POST",
+                      timeout_s: float | None = None) -> tuple[int, str]:
+        """One control call's HTTP status and body text. RolloutError when the server cannot be reached."""
         session = await self._session()
         try:
             async with session.request(method, f"{url}{path}", json=payload,
                                        timeout=aiohttp.ClientTimeout(total=timeout_s or self.control_timeout_s)
                                        ) as response:
-                status, text = response.status, await response.text()
+                return response.status, await response.text()
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
             raise RolloutError(f"{url}{path}: {type(err).__name__}: {err}") from None
+
+    async def _request(self, url: str, path: str, payload: dict | None = None, *, method: str = "POST",
+                       timeout_s: float | None = None) -> Any:
+        """One control call; the JSON answer (None for an empty body). RolloutError on failure."""
+        status, text = await self._status(url, path, payload, method=method, timeout_s=timeout_s)
         try:
             answer = json.loads(text) if text else None
         except ValueError:
@@ -362,17 +368,20 @@ class SGLangClient:
         return answer
 
     def request_each(self, path: str, payload: dict | None = None, *, per_url: dict[str, dict] | None = None,
-                     method: str = "POST", timeout_s: float | None = None) -> dict[str, Future]:
-        """Start the call on every server (with `per_url[url]` instead of `payload` where given); URL -> future."""
+                     method: str = "POST", timeout_s: float | None = None,
+                     urls: Sequence[str] | None = None) -> dict[str, Future]:
+        """Start the call on every server, or on `urls` (with `per_url[url]` instead of `payload` where given);
+        URL -> future."""
         per_url = per_url or {}
         return {url: self._submit(self._request(url, path, per_url.get(url, payload), method=method,
-                                                timeout_s=timeout_s)) for url in self.server_urls}
+                                                timeout_s=timeout_s))
+                for url in (self.server_urls if urls is None else urls)}
 
     def call_each(self, path: str, payload: dict | None = None, *, method: str = "POST",
-                  timeout_s: float | None = None) -> dict[str, Any]:
+                  timeout_s: float | None = None, urls: Sequence[str] | None = None) -> dict[str, Any]:
         if not self.server_urls:
             raise ValueError(f"{path} goes to every server, and no server_urls are configured")
-        return wait_each(self.request_each(path, payload, method=method, timeout_s=timeout_s))
+        return wait_each(self.request_each(path, payload, method=method, timeout_s=timeout_s, urls=urls))
 
     def health(self) -> dict[str, bool]:
         """Server URL -> whether it answers `/health`."""
@@ -380,16 +389,57 @@ class SGLangClient:
         return {url: future.result() for url, future in futures.items()}
 
     def server_info(self) -> dict[str, dict]:
-        return self.call_each("/get_server_info", method="GET")
+        """Server URL -> its `/server_info` (startup arguments such as `tp_size`, and its release as `version`)."""
+        return self.call_each("/server_info", method="GET")
 
     def weight_versions(self) -> dict[str, str]:
-        """Server URL -> the weight version it reports."""
+        """Server URL -> the weight version it reports (in `/model_info`)."""
         return {url: str(answer["weight_version"])
-                for url, answer in self.call_each("/get_weight_version", method="GET").items()}
+                for url, answer in self.call_each("/model_info", method="GET").items()}
+
+    def has_update_sessions(self) -> dict[str, bool]:
+        """Server URL -> whether it has weight-update sessions (SGLang >= 0.5.21, our CPU server).
+
+        Asked without changing anything: such a server answers a GET of
+        `/begin_weight_update` (a POST route) with 405, an older one with 404.
+        """
+        async def probe(url: str) -> bool:
+            status, text = await self._status(url, "/begin_weight_update", method="GET")
+            if status not in (404, 405):
+                raise RolloutError(f"{url}/begin_weight_update: HTTP {status}: {text.strip()[:200]}")
+            return status == 405
+        return wait_each({url: self._submit(probe(url)) for url in self.server_urls})
+
+    def end_stale_update_sessions(self) -> list[str]:
+        """Close weight-update sessions a previous trainer left open (it died inside an update): servers
+        that outlive a trainer would refuse every later update. Returns the URLs that had one."""
+        async def end(url: str) -> bool:
+            status, text = await self._status(url, "/end_weight_update", body(EndWeightUpdateReqInput()))
+            if status not in (200, 400):  # 400: no session was open
+                raise RolloutError(f"{url}/end_weight_update: HTTP {status}: {text.strip()[:200]}")
+            return status == 200
+        urls = [url for url, has in self.has_update_sessions().items() if has]
+        ended = wait_each({url: self._submit(end(url)) for url in urls})
+        return [url for url, was_open in ended.items() if was_open]
 
     def pause(self, *, mode: str = "abort") -> None:
         """Stop generating (with `abort`, in-flight requests return what they have)."""
         self.call_each("/pause_generation", body(PauseGenerationReqInput(mode=mode)))
+
+    def flush_cache(self, *, timeout_s: float = 60.0) -> None:
+        """Flush every server's prefix cache, retrying while requests still run (as after an abort, which
+        SGLang carries out asynchronously); RolloutError when one is still busy after `timeout_s`."""
+        async def flush(url: str) -> None:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                status, text = await self._status(url, "/flush_cache", method="GET")
+                if status == 200:
+                    return
+                if time.monotonic() > deadline:
+                    raise RolloutError(f"{url}/flush_cache: still refused after {timeout_s:g}s: HTTP {status}: "
+                                       f"{text.strip()[:200]}")
+                await asyncio.sleep(_FLUSH_RETRY_S)
+        wait_each({url: self._submit(flush(url)) for url in self.server_urls})
 
     def resume(self) -> None:
         self.call_each("/continue_generation", body(ContinueGenerationReqInput()))

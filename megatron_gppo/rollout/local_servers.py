@@ -36,12 +36,14 @@ class LocalServers:
     """Start `num_servers` servers on `model_path`; use as a context manager or call `stop()`.
 
     `num_threads` is torch's thread count per server; 0 splits this machine's
-    cores between the servers (they would oversubscribe them otherwise).
+    cores between the servers (they would oversubscribe them otherwise). With
+    `record_requests`, server `i` logs every request it gets to
+    `log_dir/requests-<i>.jsonl`.
     """
 
     def __init__(self, *, model_path: str | Path, num_servers: int = 1, api_key: str = "", dtype: str = "float32",
                  num_threads: int = 0, extra_args: Sequence[str] = (), log_dir: str | Path | None = None,
-                 startup_timeout_s: float = 300.0) -> None:
+                 startup_timeout_s: float = 300.0, record_requests: bool = False) -> None:
         if num_servers < 1:
             raise ValueError(f"num_servers must be >= 1, got {num_servers}")
         self.model_path = str(model_path)
@@ -52,6 +54,7 @@ class LocalServers:
         self.extra_args = list(extra_args)
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="megatron-gppo-serve-"))
         self.startup_timeout_s = startup_timeout_s
+        self.record_requests = record_requests
         self.processes: list[subprocess.Popen] = []
         self.urls: list[str] = []
         self.log_paths: list[Path] = []
@@ -82,6 +85,8 @@ class LocalServers:
                    "--num-threads", str(self.num_threads), "--random-seed", str(index), *self.extra_args]
         if self.api_key:
             command += ["--api-key", self.api_key]
+        if self.record_requests:
+            command += ["--request-log", str(self.log_dir / f"requests-{index}.jsonl")]
         with open(self.log_dir / f"server-{index}.log", log_mode) as log:
             return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=_server_env())

@@ -7,6 +7,7 @@ SGLang's tokenizer manager builds for every output:
 `id`, `finish_reason` (`{"type": "stop", "matched": token_id_or_str}`,
 `{"type": "length", "length": n}`, `{"type": "abort", "message": ...}`),
 `prompt_tokens`, `completion_tokens`, `cached_tokens`, `weight_version`,
+`weight_versions` (`[{"version", "start", "end"}, ...]` over output tokens),
 `output_token_logprobs` (`[[logprob, token_id, text_or_null], ...]`).
 
 A request with a batch of prompts, or with `n > 1`, answers a list with one
@@ -199,6 +200,9 @@ def build_response(seq: SequenceRequest, result: SequenceResult, *, token_text=N
         "completion_tokens": len(result.output_ids),
         "cached_tokens": 0,
         "weight_version": result.weight_version,
+        # Which weights produced which output tokens ([start, end) spans, SGLang >= 0.5.20). Here always one:
+        # this server refuses weight updates while a request runs.
+        "weight_versions": [{"version": result.weight_version, "start": 0, "end": len(result.output_ids)}],
         "e2e_latency": result.e2e_latency,
     }
     if seq.return_logprob:

@@ -8,9 +8,17 @@ drives it and real SGLang servers alike. Endpoints, with SGLang's names:
   /get_model_info, /model_info                   /get_server_info, /server_info
   /flush_cache, /abort_request                   /pause_generation, /continue_generation
   /release_memory_occupation, /resume_memory_occupation
+  /begin_weight_update, /end_weight_update
   /update_weights_from_disk, /update_weights_from_tensor, /update_weight_version
   /init_weights_update_group, /update_weights_from_distributed, /destroy_weights_update_group
-  /get_weight_version
+
+It follows SGLang's newest protocol (0.5.23) where it differs from older
+releases: tensor and distributed updates are refused outside a weight-update
+session (`/begin_weight_update` ... `/end_weight_update`, SGLang >= 0.5.21);
+the weight version is read from `/model_info` (`/get_weight_version` is
+gone); and an update that flushes the cache (`flush_cache`, the default) is
+refused while requests are running, or queued on a server that is not
+paused: pause generation first.
 
 Errors are JSON: 400 `{"error": {"message": ...}}` for bad input (control
 endpoints add `"success": false, "message": ...`), 401 `{"error":
@@ -23,7 +31,8 @@ trainer's buckets) ends with the one that carries `weight_version` (or with
 `/update_weight_version`), and a part that fails before then (bad names or
 shapes, a truncated file, a broken broadcast) puts back every tensor the
 earlier parts wrote: the answer is 400 with the reason, and the server keeps
-serving the previous version.
+serving the previous version. A session that ends before its update was
+complete is rolled back the same way.
 """
 
 from __future__ import annotations
@@ -45,8 +54,9 @@ from aiohttp import web
 
 from megatron_gppo.rollout.protocol import (ParseContext, RequestModel, SequenceResult, build_response,
                                             parse_generate, validate)
-from megatron_gppo.rollout.sglang_requests import (AbortReq, ContinueGenerationReqInput,
-                                                   DestroyWeightsUpdateGroupReqInput, InitWeightsUpdateGroupReqInput,
+from megatron_gppo.rollout.sglang_requests import (AbortReq, BeginWeightUpdateReqInput, ContinueGenerationReqInput,
+                                                   DestroyWeightsUpdateGroupReqInput, EndWeightUpdateReqInput,
+                                                   InitWeightsUpdateGroupReqInput,
                                                    PauseGenerationReqInput, ReleaseMemoryOccupationReqInput,
                                                    ResumeMemoryOccupationReqInput, UpdateWeightFromDiskReqInput,
                                                    UpdateWeightsFromDistributedReqInput,
@@ -73,7 +83,8 @@ ROUTES = (
     ("POST", "/continue_generation", "continue_generation"),
     ("*", "/release_memory_occupation", "release_memory"),
     ("*", "/resume_memory_occupation", "resume_memory"),
-    ("GET", "/get_weight_version", "get_weight_version"),
+    ("POST", "/begin_weight_update", "begin_weight_update"),
+    ("POST", "/end_weight_update", "end_weight_update"),
     ("POST", "/update_weight_version", "update_weight_version"),
     ("POST", "/update_weights_from_disk", "update_weights_from_disk"),
     ("POST", "/update_weights_from_tensor", "update_weights_from_tensor"),
@@ -101,6 +112,8 @@ class ServerArgs:
     weight_version: str = "default"
     max_request_mb: int = 256
     """Largest request body; larger ones get 413."""
+    request_log: str = ""
+    """Append every request (method, path, query, JSON body) to this file, one JSON line each."""
 
 
 class _BadRequest(Exception):
@@ -198,17 +211,31 @@ class RolloutServer:
         self.weights = _SerialDaemonExecutor("weight-updates")
         self.journal = UpdateJournal()  # what the update in progress overwrote; touched on the worker thread only
         self.groups: dict[str, Any] = {}
+        self.update_session: str | None = None  # the open weight-update session's selector
         self.released_memory: set[str] = set()  # SGLang's tags: weights, kv_cache, cuda_graph
         self.url = ""
 
     # -- plumbing --------------------------------------------------------------
 
     def build_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._auth, self._errors],
+        middlewares = [self._record] if self.args.request_log else []
+        app = web.Application(middlewares=[*middlewares, self._auth, self._errors],
                               client_max_size=self.args.max_request_mb * 2**20)
         for method, path, handler in ROUTES:
             app.router.add_route(method, path, getattr(self, handler))
         return app
+
+    @web.middleware
+    async def _record(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        text = (await request.read()).decode("utf-8", errors="replace")
+        try:
+            body = json.loads(text) if text.strip() else None
+        except json.JSONDecodeError:
+            body = text
+        entry = {"method": request.method, "path": request.path, "query": dict(request.query), "body": body}
+        with open(self.args.request_log, "a", encoding="utf-8") as log:
+            log.write(json.dumps(entry) + "\n")
+        return await handler(request)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Callable) -> web.StreamResponse:
@@ -296,9 +323,12 @@ class RolloutServer:
     async def model_info(self, request: web.Request) -> web.Response:
         config = self.generator.model.config
         return web.json_response({
-            "model_path": self.args.model_path, "tokenizer_path": self.args.model_path, "is_generation": True,
-            "preferred_sampling_params": None, "weight_version": self.generator.weight_version,
-            "model_type": getattr(config, "model_type", None), "architectures": getattr(config, "architectures", None),
+            "model_path": self.args.model_path, "served_model_name": self.args.model_path,
+            "tokenizer_path": self.args.model_path, "is_generation": True, "preferred_sampling_params": None,
+            "weight_version": self.generator.weight_version, "load_format": "auto", "reasoning_parser": None,
+            "tool_call_parser": None, "disaggregation_mode": "null", "has_image_understanding": False,
+            "has_audio_understanding": False, "model_type": getattr(config, "model_type", None),
+            "architectures": getattr(config, "architectures", None),
         })
 
     async def server_info(self, request: web.Request) -> web.Response:
@@ -315,14 +345,20 @@ class RolloutServer:
         )
         return web.json_response(info)
 
-    async def get_weight_version(self, request: web.Request) -> web.Response:
-        return web.json_response({"weight_version": self.generator.weight_version})
-
     # -- control ---------------------------------------------------------------
 
     async def flush_cache(self, request: web.Request) -> web.Response:
-        # No prefix cache to flush; SGLang answers this endpoint with text.
+        # There is no prefix cache here, but as in SGLang the flush fails (400, text) while requests run.
+        busy = await self._on_worker(self._busy)
+        if busy:
+            return web.Response(status=400, text=f"Cache not flushed: {busy}.\n")
         return web.Response(text="Cache flushed.\n")
+
+    def _busy(self, g: Any) -> str:
+        """Why the cache cannot be flushed now ('' when it can): requests running, or queued unpaused."""
+        if g.num_running or (g.num_waiting and not self.worker.paused):
+            return f"{g.num_running} requests running, {g.num_waiting} queued"
+        return ""
 
     async def abort_request(self, request: web.Request) -> web.Response:
         abort = await _read(request, AbortReq)
@@ -363,12 +399,17 @@ class RolloutServer:
 
     # -- weights ---------------------------------------------------------------
 
-    async def _load(self, named: list, version: str | None, abort_all: bool) -> int:
+    async def _load(self, named: list, version: str | None, *, abort_all: bool, flush_cache: bool) -> int:
         from megatron_gppo.rollout.weight_loader import load_named_tensors
 
         def apply(g: Any) -> int:
             if abort_all:
                 g.abort(abort_all=True)
+            # SGLang loads, then fails the call when the flush finds requests still running (or queued,
+            # unless paused); we refuse before loading, so a failed update changes nothing.
+            if flush_cache and (busy := self._busy(g)):
+                raise ValueError(f"the cache cannot be flushed: {busy}; pause generation (/pause_generation) "
+                                 f"or let them finish before updating weights")
             # The tensors were made for us: adopt them.
             count = load_named_tensors(g.model, named, adopt=True, journal=self.journal)
             if version is not None:
@@ -409,7 +450,8 @@ class RolloutServer:
 
         async def op() -> int:
             named = await self._on_weights_thread(read_safetensors_dir, update.model_path)
-            return await self._load(named, update.weight_version, update.abort_all_requests)
+            return await self._load(named, update.weight_version, abort_all=update.abort_all_requests,
+                                    flush_cache=update.flush_cache)
         count = await self._weights_op(op)
         await self._on_worker(lambda g: self.journal.commit())  # a directory is a whole update
         return self._weights_answer(count, update.weight_version, num_paused_requests=0)
@@ -418,6 +460,7 @@ class RolloutServer:
         from megatron_gppo.rollout.weight_loader import deserialize_named_tensors
 
         update = await _read(request, UpdateWeightsFromTensorReqInput)
+        self._require_session("update_weights_from_tensor")
         if update.load_format not in (None, "direct"):
             raise _BadRequest(f"load_format {update.load_format!r} is not supported; send a list of (name, tensor)")
         if not update.serialized_named_tensors:
@@ -426,7 +469,8 @@ class RolloutServer:
         async def op() -> int:
             # One entry per tensor-parallel rank; this server is rank 0 of 1.
             named = await self._on_weights_thread(deserialize_named_tensors, update.serialized_named_tensors[0])
-            return await self._load(named, update.weight_version, update.abort_all_requests)
+            return await self._load(named, update.weight_version, abort_all=update.abort_all_requests,
+                                    flush_cache=update.flush_cache)
         count = await self._weights_op(op)
         return self._weights_answer(count, update.weight_version)
 
@@ -463,6 +507,7 @@ class RolloutServer:
         from megatron_gppo.rollout.weight_loader import receive_bucket
 
         update = await _read(request, UpdateWeightsFromDistributedReqInput)
+        self._require_session("update_weights_from_distributed")
         group = self.groups.get(update.group_name)
         if group is None:
             raise _BadRequest(f"no weight update group {update.group_name!r}; call /init_weights_update_group first")
@@ -477,9 +522,32 @@ class RolloutServer:
                 detail = str(err).split("] ", 1)[-1].split(". ", 1)[0]  # gloo: "[file:line] what. advice..."
                 raise RuntimeError(f"the broadcast broke ({detail}); group {update.group_name!r} is closed, "
                                    f"call /init_weights_update_group again") from None
-            return await self._load(named, update.weight_version, update.abort_all_requests)
+            return await self._load(named, update.weight_version, abort_all=update.abort_all_requests,
+                                    flush_cache=update.flush_cache)
         count = await self._weights_op(op)
         return self._weights_answer(count, update.weight_version)
+
+    def _require_session(self, route: str) -> None:
+        if self.update_session is None:
+            raise _BadRequest(f"{route} must run between begin_weight_update() and end_weight_update()")
+
+    async def begin_weight_update(self, request: web.Request) -> web.Response:
+        begin = await _read(request, BeginWeightUpdateReqInput, allow_empty=True)
+        if self.update_session is not None:
+            raise _BadRequest("a weight-update session is already open; call end_weight_update() first")
+        self.update_session = begin.selector
+        return web.json_response({"success": True, "message": "Success"})
+
+    async def end_weight_update(self, request: web.Request) -> web.Response:
+        await _read(request, EndWeightUpdateReqInput, allow_empty=True)
+        if self.update_session is None:
+            raise _BadRequest("no weight-update session is open; call begin_weight_update() first")
+        self.update_session = None
+        # An update that never reached its last part (the one with the weight version) is put back.
+        restored = await self._on_worker(lambda g: self.journal.rollback())
+        if restored:
+            logger.warning("weight-update session ended with its update incomplete: restored %d tensors", restored)
+        return web.json_response({"success": True, "message": "Success"})
 
     async def destroy_weights_update_group(self, request: web.Request) -> web.Response:
         from megatron_gppo.rollout.process_group import destroy_weight_update_group

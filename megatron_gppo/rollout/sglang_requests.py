@@ -305,6 +305,15 @@ class DestroyWeightsUpdateGroupReqInput(_BaseReq):
     group_name: str = "weight_update_group"
 
 
+class BeginWeightUpdateReqInput(_BaseReq):
+    """Opens a weight-update session (SGLang >= 0.5.21): tensor and distributed updates are refused outside one."""
+    selector: Literal["target", "draft", "all"] = "all"
+
+
+class EndWeightUpdateReqInput(_BaseReq):
+    """Closes the session `BeginWeightUpdateReqInput` opened."""
+
+
 class UpdateWeightVersionReqInput(_BaseReq):
     new_version: str
     abort_all_requests: bool = True
@@ -316,8 +325,8 @@ def body(request: BaseModel) -> dict[str, Any]:
 
 
 __all__ = [
-    "AbortReq", "ContinueGenerationReqInput", "DEFAULT_MAX_NEW_TOKENS", "DestroyWeightsUpdateGroupReqInput",
-    "GenerateReqInput", "InitWeightsUpdateGroupReqInput", "PauseGenerationReqInput",
+    "AbortReq", "BeginWeightUpdateReqInput", "ContinueGenerationReqInput", "DEFAULT_MAX_NEW_TOKENS", "DestroyWeightsUpdateGroupReqInput",
+    "EndWeightUpdateReqInput", "GenerateReqInput", "InitWeightsUpdateGroupReqInput", "PauseGenerationReqInput",
     "ReleaseMemoryOccupationReqInput", "ResumeMemoryOccupationReqInput", "SamplingParams",
     "UpdateWeightFromDiskReqInput", "UpdateWeightVersionReqInput", "UpdateWeightsFromDistributedReqInput",
     "UpdateWeightsFromTensorReqInput", "body", "check_top_k", "unsupported_fields",

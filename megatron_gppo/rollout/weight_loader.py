@@ -137,16 +137,33 @@ class _TensorUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module == "builtins" and name in self._ALLOWED_BUILTINS:
             return super().find_class(module, name)
+        if (module, name) == ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"):
+            return _rebuild_cuda_tensor
         if module == "torch" or module.startswith("torch.") or module == "collections":
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from a weight payload")
 
 
+def _rebuild_cuda_tensor(*args: Any) -> torch.Tensor:
+    """torch's `rebuild_cuda_tensor`, for a sender that names the GPU by UUID (as SGLang's senders do)."""
+    from torch.multiprocessing import reductions
+
+    device = args[6]
+    if isinstance(device, str):
+        matches = [i for i in range(torch.cuda.device_count())
+                   if str(torch.cuda.get_device_properties(i).uuid) == device]
+        if not matches:
+            raise ValueError(f"the weight payload's GPU {device} is not visible to this server")
+        args = (*args[:6], matches[0], *args[7:])
+    return reductions.rebuild_cuda_tensor(*args)
+
+
 def deserialize_named_tensors(payload: str | bytes) -> list[tuple[str, torch.Tensor]]:
     """One entry of SGLang's `serialized_named_tensors`: base64 of a ForkingPickler dump of [(name, tensor)].
 
-    CUDA tensors arrive as IPC handles (the sender must be on the same GPU
-    and keep them alive until the answer); they are copied to the CPU here.
+    CUDA tensors arrive as IPC handles naming their GPU by UUID, CPU tensors
+    as shared-memory files (the sender must be on the same host and keep them
+    alive until the answer); they are copied to the CPU here.
     """
     import torch.multiprocessing  # noqa: F401  registers torch's rebuild functions
 

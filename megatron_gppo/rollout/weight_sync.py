@@ -2,7 +2,7 @@
 
 Three ways, all SGLang's protocol, all taking an iterator of `(hf_name, tensor)`
 (the Megatron -> HF conversion happens before) and a weight version string
-that every server reports afterwards (`/get_weight_version`, and
+that every server reports afterwards (`/model_info`, and
 `meta_info.weight_version` of every later generation):
 
 - `DistributedWeightSync`: the trainer (rank 0) and every server join a
@@ -14,25 +14,34 @@ that every server reports afterwards (`/get_weight_version`, and
 - `DiskWeightSync`: an atomic safetensors dump (temporary directory, then
   rename) that the servers load with `/update_weights_from_disk`; the path
   must be visible to them.
-- `TensorWeightSync`: colocated GPU only: CUDA IPC handles of each bucket go
-  through `/update_weights_from_tensor`; nothing is copied over the wire.
+- `TensorWeightSync`: colocated servers only: each bucket goes through
+  `/update_weights_from_tensor` as CUDA IPC handles (GPU) or shared-memory
+  files (CPU); nothing is copied over the wire.
 
 The weight version is sent with the last bucket only, so it changes when the
-whole update has landed.
+whole update has landed. Servers that have them (SGLang >= 0.5.21, and our CPU
+server) get the tensor and distributed updates inside a weight-update session
+(`/begin_weight_update` ... `/end_weight_update`), which they require; older
+ones are told apart by probing (`SGLangClient.has_update_sessions`). The
+servers must not be generating (SGLang fails an update whose cache flush finds
+requests running, and up to 0.5.21 its scheduler dies of it):
+`SGLangEngine.update_weights` pauses generation and flushes the cache first.
 """
 
 from __future__ import annotations
 
 import base64
-import logging
 import io
+import logging
 import shutil
 import threading
 import time
 import uuid
 from concurrent.futures import FIRST_EXCEPTION, Future, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from multiprocessing.reduction import ForkingPickler
 from typing import Callable, Iterable, Iterator, Protocol, TypeVar
 
 import torch
@@ -40,8 +49,9 @@ import torch
 from megatron_gppo.checkpoint.hf_io import save_safetensors_atomic
 from megatron_gppo.ports import free_port
 from megatron_gppo.rollout.client import RolloutError, SGLangClient, wait_each
-from megatron_gppo.rollout.sglang_requests import (DestroyWeightsUpdateGroupReqInput,
-                                                   InitWeightsUpdateGroupReqInput, UpdateWeightFromDiskReqInput,
+from megatron_gppo.rollout.sglang_requests import (BeginWeightUpdateReqInput, DestroyWeightsUpdateGroupReqInput,
+                                                   EndWeightUpdateReqInput, InitWeightsUpdateGroupReqInput,
+                                                   UpdateWeightFromDiskReqInput,
                                                    UpdateWeightsFromDistributedReqInput,
                                                    UpdateWeightsFromTensorReqInput, body)
 from megatron_gppo.rollout.process_group import (broadcast_from_trainer, destroy_weight_update_group, dtype_name,
@@ -103,14 +113,26 @@ def _bucket_bytes(bucket: list[tuple[str, torch.Tensor]]) -> int:
 
 
 class WeightSyncError(RolloutError):
-    """A weight update failed; `group_usable` says whether the process group can carry the next one."""
-
-    def __init__(self, message: str, *, group_usable: bool) -> None:
-        super().__init__(message)
-        self.group_usable = group_usable
+    """A weight update failed part-way."""
 
 
-_SETTLE_S = 5.0
+@contextmanager
+def update_session(client: SGLangClient) -> Iterator[None]:
+    """A weight-update session on every server that has them, closed even when the update fails."""
+    urls = [url for url, has in client.has_update_sessions().items() if has]
+    end = body(EndWeightUpdateReqInput())
+    begun = client.request_each("/begin_weight_update", body(BeginWeightUpdateReqInput()), urls=urls)
+    try:
+        wait_each(begun)
+        yield
+    except BaseException:
+        opened = [url for url, future in begun.items() if future.exception() is None]
+        try:
+            client.call_each("/end_weight_update", end, urls=opened)
+        except RolloutError as err:  # a server that died has no session left; report the first failure
+            logger.warning("weight-update session not closed everywhere: %s", str(err).splitlines()[0])
+        raise
+    client.call_each("/end_weight_update", end, urls=urls)
 
 
 def _beside_servers(collective: Callable[[], T], futures: dict[str, Future]) -> T:
@@ -118,7 +140,9 @@ def _beside_servers(collective: Callable[[], T], futures: dict[str, Future]) -> 
 
     Fails as soon as a server answers with an error instead of waiting in a
     collective that can no longer complete; the collective then stays blocked
-    on a daemon thread until the group's timeout.
+    on a daemon thread until the group's timeout. Our side returning proves
+    nothing (an NCCL broadcast returns once queued on the GPU), so any failure
+    makes the caller drop the group: the next update builds a new one.
     """
     local: Future = Future()
 
@@ -131,14 +155,11 @@ def _beside_servers(collective: Callable[[], T], futures: dict[str, Future]) -> 
     wait([local, *futures.values()], return_when=FIRST_EXCEPTION)
     failed = {url: f for url, f in futures.items() if f.done() and f.exception() is not None}
     if failed:
-        # A server that received everything and then refused to load (a bad name) leaves the group usable.
-        wait([local], timeout=_SETTLE_S)
-        usable = local.done() and local.exception() is None
-        raise WeightSyncError("; ".join(str(f.exception()) for f in failed.values()), group_usable=usable)
+        raise WeightSyncError("; ".join(str(f.exception()) for f in failed.values()))
     try:
         result = local.result()
     except BaseException as err:
-        raise WeightSyncError(f"trainer side of the collective failed: {err}", group_usable=False) from err
+        raise WeightSyncError(f"trainer side of the collective failed: {err}") from err
     wait_each(futures)
     return result
 
@@ -186,6 +207,10 @@ class DistributedWeightSync:
     def sync(self, named_tensors: NamedTensors, *, version: str) -> SyncStats:
         if self.group is None:
             self.connect()
+        with update_session(self.client):
+            return self._broadcast(named_tensors, version=version)
+
+    def _broadcast(self, named_tensors: NamedTensors, *, version: str) -> SyncStats:
         stats = SyncStats()
         start = time.perf_counter()
         device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
@@ -199,11 +224,9 @@ class DistributedWeightSync:
             futures = self.client.request_each("/update_weights_from_distributed", body(update))
             try:
                 _beside_servers(lambda tensors=tensors: broadcast_from_trainer(tensors, group=self.group), futures)
-            except WeightSyncError as err:
-                if not err.group_usable:
-                    # Stuck in a half-done collective (its thread ends at the group's timeout):
-                    # the next sync makes a new group.
-                    self.group = None
+            except WeightSyncError:
+                # Possibly stuck in a half-done collective (its thread ends at the group's timeout).
+                self.group = None
                 raise
             stats.num_buckets += 1
             stats.num_tensors += len(bucket)
@@ -265,50 +288,78 @@ class DiskWeightSync:
         pass
 
 
-def serialize_named_tensors(named: list[tuple[str, torch.Tensor]]) -> str:
-    """SGLang's `MultiprocessingSerializer.serialize(..., output_str=True)`: base64 of a ForkingPickler dump.
+# Position of the device index in the arguments torch's CUDA tensor reduction pickles
+# (`rebuild_cuda_tensor(..., storage_device, ...)`); SGLang replaces it the same way.
+_CUDA_DEVICE_ARG = 6
 
-    CUDA tensors pickle as IPC handles; the caller keeps them alive until the servers answer.
+
+class _PayloadPickler(ForkingPickler):
+    """torch's multiprocessing pickler, naming GPUs by UUID as SGLang's patched torch does.
+
+    A server started with its own CUDA_VISIBLE_DEVICES numbers the GPUs
+    differently from the trainer; SGLang maps a UUID back to its own index
+    (`srt/utils/patch_torch.py`). CPU tensors go through shared-memory files,
+    which any process on the host can open (file descriptors, torch's
+    default, do not survive HTTP).
     """
-    from multiprocessing.reduction import ForkingPickler
 
-    import torch.multiprocessing  # noqa: F401  registers torch's reductions with ForkingPickler
+    def reducer_override(self, obj):
+        if isinstance(obj, torch.Tensor) and obj.is_cuda:
+            from torch.multiprocessing import reductions
+
+            rebuild, args = reductions.reduce_tensor(obj)
+            uuid_ = str(torch.cuda.get_device_properties(args[_CUDA_DEVICE_ARG]).uuid)
+            return rebuild, (*args[:_CUDA_DEVICE_ARG], uuid_, *args[_CUDA_DEVICE_ARG + 1:])
+        return NotImplemented
+
+
+def serialize_named_tensors(named: list[tuple[str, torch.Tensor]]) -> str:
+    """One entry of SGLang's `serialized_named_tensors`: base64 of a pickle of [(name, tensor)].
+
+    Like SGLang's `MultiprocessingSerializer.serialize(..., output_str=True)`, with GPUs named by UUID and
+    CPU tensors in shared memory. The caller keeps the tensors alive until the servers answer.
+    """
+    import torch.multiprocessing as mp
 
     buffer = io.BytesIO()
-    ForkingPickler(buffer).dump(named)
+    strategy = mp.get_sharing_strategy()
+    mp.set_sharing_strategy("file_system")
+    try:
+        _PayloadPickler(buffer).dump(named)
+    finally:
+        mp.set_sharing_strategy(strategy)
     return base64.b64encode(buffer.getvalue()).decode("utf-8")
 
 
 class TensorWeightSync:
-    """Colocated GPU: per bucket, CUDA IPC handles through `/update_weights_from_tensor`."""
+    """Colocated servers: per bucket, shared tensors (CUDA IPC or CPU shared memory) through `/update_weights_from_tensor`."""
 
     def __init__(self, *, client: SGLangClient, bucket_bytes: int = 512 * MiB) -> None:
         self.client = client
         self.bucket_bytes = bucket_bytes
-        self._tp_sizes: dict[str, int] | None = None
 
     def sync(self, named_tensors: NamedTensors, *, version: str) -> SyncStats:
-        if self._tp_sizes is None:
-            self._tp_sizes = {url: int(info.get("tp_size", 1)) for url, info in self.client.server_info().items()}
+        tp_sizes = {url: int(info.get("tp_size", 1)) for url, info in self.client.server_info().items()}
         stats = SyncStats()
         start = time.perf_counter()
-        for bucket, is_last in _with_last(iter_buckets(named_tensors, bucket_bytes=self.bucket_bytes)):
-            tensors = [(name, t.detach().contiguous()) for name, t in bucket]
-            if any(not t.is_cuda for _, t in tensors):
-                raise ValueError("weight_sync 'tensor' needs CUDA tensors (colocated GPU runs); use 'distributed' "
-                                 "or 'disk' on CPU")
-            serialized = serialize_named_tensors(tensors)
-            per_url = {}
-            for url, tp_size in self._tp_sizes.items():
-                # One entry per server TP rank; each rank loads the full HF tensors and shards them itself.
-                per_url[url] = body(UpdateWeightsFromTensorReqInput(
-                    serialized_named_tensors=[serialized] * tp_size, load_format=None, flush_cache=is_last,
-                    **({"weight_version": version} if is_last else {})))
-            wait_each(self.client.request_each("/update_weights_from_tensor", per_url=per_url))
-            stats.num_buckets += 1
-            stats.num_tensors += len(bucket)
-            stats.num_bytes += _bucket_bytes(bucket)
-            del tensors  # the servers have copied them
+        with update_session(self.client):
+            for bucket, is_last in _with_last(iter_buckets(named_tensors, bucket_bytes=self.bucket_bytes)):
+                # A copy: sharing a CPU tensor moves its storage into shared memory, which the trainer's
+                # own parameters must not do.
+                tensors = [(name, t.detach().clone() if not t.is_cuda else t.detach().contiguous())
+                           for name, t in bucket]
+                per_url = {}
+                for url, tp_size in tp_sizes.items():
+                    # One pickle per server TP rank: each unpickling takes its own reference to the CUDA
+                    # memory; every rank loads the full HF tensors and shards them itself.
+                    per_url[url] = body(UpdateWeightsFromTensorReqInput(
+                        serialized_named_tensors=[serialize_named_tensors(tensors) for _ in range(tp_size)],
+                        flush_cache=is_last, **({"weight_version": version} if is_last else {})))
+                wait_each(self.client.request_each("/update_weights_from_tensor", per_url=per_url))
+                stats.num_buckets += 1
+                stats.num_tensors += len(bucket)
+                stats.num_bytes += _bucket_bytes(bucket)
+                del tensors  # the servers have copied them
         stats.seconds = time.perf_counter() - start
         return stats
 

@@ -248,6 +248,21 @@ def run_packed_vs_padded(rank: int, port: int, path: str, dtype: str) -> None:
     }))
 
 
+def run_log_probs_and_loss(rank: int, port: int, path: str, dtype: str) -> None:
+    """One process in `dtype`: log-probs and entropy of the test batch, and the RL loss against fixed old
+    log-probs (tests/gpu compares bf16 with fp32 on CUDA)."""
+    policy = _setup(0, 1, port, {}, {}, dtype=dtype)
+    batch = full_batch()
+    log_probs, entropy = policy.compute_log_probs(batch, temperature=TEMPERATURE, micro_batch_size=4)
+    old_log_probs = torch.full(log_probs.shape, -2.0) * batch.loss_mask
+    loss, _ = policy.forward_backward(full_batch(old_log_probs=old_log_probs), loss_name="ce_gppo",
+                                      loss_hparams=LOSS_HPARAMS, temperature=TEMPERATURE,
+                                      micro_batch_size=MICRO_BATCH_SIZE)
+    device = str(next(policy.model[0].parameters()).device)
+    torch.save({"log_probs": log_probs.float().cpu(), "entropy": entropy.float().cpu(), "loss": float(loss),
+                "device": device}, path)
+
+
 def _this_rank(policy, batch, *, packed: bool):
     from megatron.core import parallel_state
 

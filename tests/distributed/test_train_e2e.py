@@ -171,19 +171,6 @@ def test_stop_file_and_deadline_checkpoint_at_a_step_boundary_and_exit_zero(asse
     assert (out / "metrics.jsonl").read_bytes() == metrics and not (out / "wandb").exists()
 
 
-def test_colocated_servers_release_memory_while_the_trainer_updates(assets, tmp_path):
-    out = tmp_path / "run"
-    result = subprocess.run(train_command(assets, out, "rollout.colocate=true", "train.max_steps=2",
-                                          "checkpoint.save_every=0", "train.eval_every=1", "data.eval_path="),
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    log = (out / "rollout" / "server_logs" / "server-0.log").read_text()
-    events = [line.split("memory ")[1].split(":")[0] for line in log.splitlines() if "memory released" in line
-              or "memory resumed" in line]
-    # The server refuses to generate while released, so each rollout proves the resume before it.
-    assert events == ["released", "resumed"] * 2, log[-2000:]
-
-
 def test_sigterm_stops_the_run_and_the_servers_it_started(assets, tmp_path):
     import os
     import signal

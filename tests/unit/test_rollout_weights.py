@@ -1,7 +1,10 @@
 """Weight-sync building blocks: buckets, the atomic safetensors dump, loading by name, payload safety."""
 
 import base64
+import inspect
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -66,16 +69,27 @@ def test_tensor_payload_refuses_anything_but_torch():
         deserialize_named_tensors(payload)
 
 
-def test_tensor_payload_needs_cuda_tensors_for_ipc():
-    # CPU tensors pickle as file descriptors, which do not survive HTTP; the sync refuses them (see tests/gpu).
-    from megatron_gppo.rollout.weight_sync import TensorWeightSync
-
-    class NoServers:
-        def server_info(self):
-            return {"http://x": {"tp_size": 1}}
-    with pytest.raises(ValueError, match="needs CUDA tensors"):
-        TensorWeightSync(client=NoServers()).sync([("a", torch.zeros(2))], version="1")
+def test_cpu_tensor_payload_opens_in_another_process():
+    # Shared-memory files, not file descriptors: they survive a trip over HTTP to another process.
+    tensors = [("a", torch.arange(6, dtype=torch.float32).reshape(2, 3).clone()), ("b", torch.tensor([7, 8]))]
+    code = ("import sys; from megatron_gppo.rollout.weight_loader import deserialize_named_tensors; "
+            "print([(n, t.dtype, t.tolist()) for n, t in deserialize_named_tensors(sys.stdin.read())])")
+    opened = subprocess.run([sys.executable, "-c", code], input=serialize_named_tensors(tensors),
+                            capture_output=True, text=True, timeout=120, check=True)
+    assert opened.stdout.strip() == "[('a', torch.float32, [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]), " \
+                                    "('b', torch.int64, [7, 8])]"
     assert isinstance(serialize_named_tensors([]), str)
+
+
+def test_gpus_are_named_in_the_argument_sglang_rewrites():
+    # SGLang swaps argument 6 of torch's CUDA tensor rebuild for the GPU's UUID (srt/utils/patch_torch.py),
+    # and so do we (weight_sync._CUDA_DEVICE_ARG); a torch that moves it breaks both.
+    from torch.multiprocessing import reductions
+
+    from megatron_gppo.rollout.weight_sync import _CUDA_DEVICE_ARG
+
+    assert list(inspect.signature(reductions.rebuild_cuda_tensor).parameters)[_CUDA_DEVICE_ARG] == "storage_device"
+
 
 
 def test_adopt_takes_matching_tensors_without_copying():

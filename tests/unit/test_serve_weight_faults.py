@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,7 @@ def test_a_broadcast_broken_in_its_second_bucket_restores_the_first(server, mode
             "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
             "group_name": GROUP, "backend": "gloo"})
         assert joined.status_code == 200, joined.text
+        assert post(server, "/begin_weight_update", {}).status_code == 200
         assert post(server, "/update_weights_from_distributed", bucket(0, num_first)).status_code == 200
         assert trainer.stdout.readline().strip() == "FIRST BUCKET SENT"
         halfway = served(server)
@@ -167,6 +169,95 @@ def test_a_broadcast_broken_in_its_second_bucket_restores_the_first(server, mode
     assert served(server) == before
     # The broken group is gone; a good update still works.
     assert post(server, "/update_weights_from_distributed", bucket(0, 1)).status_code == 400
+    assert post(server, "/end_weight_update", {}).status_code == 200
     good = shutil.copytree(model_dir, model_dir.parent / "good", dirs_exist_ok=True)
     assert post(server, "/update_weights_from_disk", {"model_path": str(good), "weight_version": "v3"}).ok
     assert served(server) == ("v3", before[1])
+
+
+def tensor_update(model_dir, *, num_tensors: int, seed: int, **extra) -> dict:
+    """An /update_weights_from_tensor body with the first `num_tensors` parameters of a perturbed model."""
+    from megatron_gppo.rollout.weight_sync import serialize_named_tensors
+    from tests._tiny_models import load_model, perturbed
+
+    named = [(n, p.detach().clone()) for n, p in perturbed(load_model(model_dir), seed=seed).named_parameters()]
+    return {"serialized_named_tensors": [serialize_named_tensors(named[:num_tensors])], **extra}
+
+
+def test_tensor_and_distributed_updates_need_a_session_as_in_sglang(server, model_dir):
+    before = served(server)
+    refused = post(server, "/update_weights_from_tensor", tensor_update(model_dir, num_tensors=2, seed=2))
+    assert refused.status_code == 400
+    assert "must run between begin_weight_update() and end_weight_update()" in refused.json()["message"]
+    refused = post(server, "/update_weights_from_distributed", {"names": [], "dtypes": [], "shapes": []})
+    assert refused.status_code == 400 and "begin_weight_update()" in refused.json()["message"]
+    assert post(server, "/end_weight_update", {}).json()["message"].startswith("no weight-update session is open")
+    assert post(server, "/begin_weight_update", {}).json() == {"success": True, "message": "Success"}
+    assert post(server, "/begin_weight_update", {}).json()["message"].startswith("a weight-update session is already")
+    # A session that ends before its update is complete (no part carried the weight version) is rolled back.
+    assert post(server, "/update_weights_from_tensor", tensor_update(model_dir, num_tensors=3, seed=2)).ok
+    assert served(server)[1] != before[1]
+    assert post(server, "/end_weight_update", {}).ok
+    assert served(server) == before
+    # A complete one stays.
+    assert post(server, "/begin_weight_update", {}).ok
+    assert post(server, "/update_weights_from_tensor",
+                tensor_update(model_dir, num_tensors=3, seed=2, weight_version="v-session")).ok
+    assert post(server, "/end_weight_update", {}).ok
+    version, log_probs = served(server)
+    assert version == "v-session" and log_probs != before[1]
+    good = shutil.copytree(model_dir, model_dir.parent / "restore-session", dirs_exist_ok=True)
+    assert post(server, "/update_weights_from_disk", {"model_path": str(good), "weight_version": before[0]}).ok
+    assert served(server) == before
+
+
+def _num_running(server) -> int:
+    return requests.get(f"{server}/server_info", headers=AUTH, timeout=10).json()["internal_states"][0][
+        "num_running_reqs"]
+
+
+def test_an_update_that_flushes_the_cache_waits_for_paused_generation(server, model_dir):
+    before = served(server)
+    good = shutil.copytree(model_dir, model_dir.parent / "flush", dirs_exist_ok=True)
+    long = {"input_ids": [3, 4, 5], "sampling_params": {"max_new_tokens": 40, "ignore_eos": True}}
+    answers: list = []
+    for _attempt in range(50):  # catch a generation mid-way and freeze it there (in_place keeps it running)
+        generating = threading.Thread(target=lambda: answers.append(post(server, "/generate", long)))
+        generating.start()
+        while not _num_running(server) and generating.is_alive():
+            time.sleep(0.001)
+        assert post(server, "/pause_generation", {"mode": "in_place"}).ok
+        if _num_running(server) == 1:
+            break
+        assert post(server, "/continue_generation", {}).ok
+        generating.join(timeout=60)
+    else:
+        pytest.fail("never caught a generation running")
+    try:
+        for path, update in (("/update_weights_from_disk", {"model_path": str(good), "weight_version": "flush"}),
+                             ("/flush_cache", None)):
+            refused = post(server, path, update)
+            assert refused.status_code == 400 and "1 requests running" in refused.text, refused.text
+        assert post(server, "/pause_generation", {"mode": "abort"}).ok
+    finally:
+        generating.join(timeout=60)
+    assert answers[-1].json()["meta_info"]["finish_reason"]["type"] == "abort"
+    assert post(server, "/flush_cache", None).ok
+    assert post(server, "/update_weights_from_disk", {"model_path": str(good), "weight_version": "flush"}).ok
+    assert post(server, "/continue_generation", {}).ok
+    assert served(server) == ("flush", before[1])
+    assert post(server, "/update_weight_version", {"new_version": before[0]}).ok
+
+
+def test_a_session_a_dead_trainer_left_open_is_closed_by_the_next_one(server):
+    from megatron_gppo.rollout.client import SGLangClient
+
+    assert post(server, "/begin_weight_update", {}).ok  # a trainer that died inside an update
+    client = SGLangClient(server_urls=[server], api_key=KEY, progress=False)
+    try:
+        assert client.has_update_sessions() == {server: True}
+        assert client.end_stale_update_sessions() == [server]
+        assert client.end_stale_update_sessions() == []
+    finally:
+        client.close()
+    assert post(server, "/begin_weight_update", {}).ok and post(server, "/end_weight_update", {}).ok

@@ -28,7 +28,8 @@ MIRRORS = {
         "GenerateReqInput", "AbortReq", "PauseGenerationReqInput", "ContinueGenerationReqInput",
         "ReleaseMemoryOccupationReqInput", "ResumeMemoryOccupationReqInput", "UpdateWeightFromDiskReqInput",
         "InitWeightsUpdateGroupReqInput", "UpdateWeightsFromDistributedReqInput", "UpdateWeightsFromTensorReqInput",
-        "DestroyWeightsUpdateGroupReqInput", "UpdateWeightVersionReqInput",
+        "DestroyWeightsUpdateGroupReqInput", "UpdateWeightVersionReqInput", "BeginWeightUpdateReqInput",
+        "EndWeightUpdateReqInput",
     ],
 }
 
