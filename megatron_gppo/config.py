@@ -40,6 +40,10 @@ from megatron_gppo.rollout.sglang_requests import check_top_k
 from megatron_gppo.validation import BOUND_ERRORS, describe_field, locate
 
 
+# algorithm.tis_cap when rollout.mode=async and the config does not set it.
+ASYNC_TIS_CAP = 2.0
+
+
 class ConfigError(ValueError):
     """A user error in the configuration: one line, names the key."""
 
@@ -129,6 +133,12 @@ class RolloutConfig(Section):
     num_local_servers: int = Field(1, ge=1)
     """Number of `megatron-gppo serve` processes the local backend starts."""
 
+    mode: Literal["sync", "async"] = "sync"
+    """sync: generate, then train, then sync the weights, one after the other. async: the next step's rollouts are generated (from the weights before this step's update) while this step trains, so servers and trainer work at once; samples are then one policy version old, which the loss corrects (algorithm.tis_cap, on by default here)."""
+
+    max_staleness: int = Field(1, ge=0)
+    """async: policy versions a trained sample may lag behind the policy that trains on it (checked per sample; a batch with an older sample is regenerated). 0 makes async equal sync; the producer runs one batch ahead, so 1 is the most the schedule produces."""
+
     api_key: SecretStr = SecretStr("")
     """Bearer token sent to the servers (and required by local servers when set); written as '**********' wherever the config is saved or logged."""
 
@@ -181,6 +191,9 @@ class RolloutConfig(Section):
         for url in self.server_urls + ([self.router_url] if self.router_url else []):
             if not url.startswith(("http://", "https://")):
                 raise ConfigError("server_urls", f"got {url!r}, expected URLs starting with http:// or https://")
+        if self.colocate and self.mode == "async":
+            raise ConfigError("mode", "'async' generates while the trainer trains, and colocated servers share the "
+                                      "trainer's accelerators; set rollout.mode=sync or rollout.colocate=false")
         if self.colocate and self.weight_sync == "distributed":
             # NCCL refuses a group with two ranks on one GPU: trainer rank 0 and the server sharing it.
             raise ConfigError("weight_sync", "'distributed' cannot sync colocated servers (their process group "
@@ -278,7 +291,7 @@ class AlgorithmConfig(Section):
     """Upper bound on extra rollout rounds dynamic sampling may spend refilling one batch."""
 
     tis_cap: float | None = _loss_hparam("tis_cap", default=None, null="off")
-    """Truncated importance-sampling cap for the train/rollout log-prob mismatch; null disables the correction."""
+    """Truncated importance-sampling cap for the train/rollout log-prob mismatch; null disables the correction. Unset with rollout.mode=async: 2.0."""
 
 
 class DataConfig(Section):
@@ -379,6 +392,9 @@ class TrainConfig(Section):
     seed: int = 1234
     """Seed of model init, data order and sampling."""
 
+    cpu_threads: int = Field(0, ge=0)
+    """CPU machines: torch threads of each trainer process and each local rollout server; 0 splits the cores between them (oversubscribed cores were measured ~10x slower while both work at once)."""
+
     eval_every: int = Field(0, ge=0)
     """Evaluate every N steps (and at the end); 0 evaluates only at the end."""
 
@@ -468,6 +484,9 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
+        if self.rollout.mode == "async" and "tis_cap" not in self.algorithm.model_fields_set:
+            # Off-policy samples: correct the gap between the sampling and the proximal policy by default.
+            self.algorithm.tis_cap = ASYNC_TIS_CAP
         longest = self.data.max_prompt_tokens + self.rollout.max_new_tokens
         budget = self.train.max_tokens_per_micro_batch
         if budget is not None and budget < longest:

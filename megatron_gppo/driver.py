@@ -4,14 +4,21 @@ The driver owns everything that is not the Megatron model: prompts and their
 sampler, the rollout engine (local servers or SGLang URLs), the reward, the
 beta schedule and the logs. The trainer asks it for each step's rollouts
 (`collect_rollouts`) and hands back the step's metrics (`finish_step`).
+
+With `rollout.mode=async` a producer thread generates step k+1's rollouts,
+from the weights before step k's update, while every rank trains step k; the
+weight sync waits for it, so the schedule is fixed and a resumed run repeats
+it (a finished batch waiting for its step is saved in the checkpoint).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
-from dataclasses import dataclass, replace
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +30,13 @@ from megatron_gppo.algorithm.schedules import EntropyTargetController
 from megatron_gppo.batching import PolicyBatch, pack_samples
 from megatron_gppo.config import RunConfig, save_config, to_dict
 from megatron_gppo.data import PromptSampler, encode_prompt, load_prompts, pad_token_id
-from megatron_gppo.experience import collect_experience, evaluate
+from megatron_gppo.experience import Experience, collect_experience, evaluate
 from megatron_gppo.metrics import MetricsLogger
 from megatron_gppo.model.arch import ModelArch
 from megatron_gppo.rollout.client import RolloutError
 from megatron_gppo.rollout.engine import mix_seed
 from megatron_gppo.rollout.sglang_engine import RolloutServerLost
+from megatron_gppo.types import Sample
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +63,42 @@ class RolloutBatch:
     """Rollout metrics: reward, response lengths, dynamic-sampling counts, betas."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class StepRollouts:
+    """One step's scored samples before packing, with the betas they were drawn for."""
+
+    step: int
+    experience: Experience
+    beta1: float
+    beta2: float
+    seconds: float
+    """Wall time of generating and scoring them."""
+
+    def to_state(self) -> dict[str, Any]:
+        """JSON-able, for a checkpoint taken while they wait for their step."""
+        return {"step": self.step, "beta1": self.beta1, "beta2": self.beta2, "seconds": self.seconds,
+                "metrics": self.experience.metrics, "samples": [asdict(s) for s in self.experience.samples]}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> StepRollouts:
+        experience = Experience(samples=[Sample(**s) for s in state["samples"]], metrics=state["metrics"])
+        return cls(step=state["step"], experience=experience, beta1=state["beta1"], beta2=state["beta2"],
+                   seconds=state["seconds"])
+
+
+def policy_version(weight_version: str) -> int | None:
+    """N of the trainer's weight version 'step-N' (the weights after step N); None for any other version."""
+    match = re.fullmatch(r"step-(\d+)", weight_version)
+    return int(match.group(1)) if match else None
+
+
+def staleness(sample: Sample, *, step: int) -> float:
+    """Policy versions between the weights that generated `sample` and those that train on it at `step`
+    (the weights after step - 1); infinite for weights of unknown version."""
+    version = policy_version(sample.weight_version)
+    return float("inf") if version is None else float(step - 1 - version)
+
+
 def beta_schedule_from_config(config: RunConfig):
     alg, sched = config.algorithm, config.algorithm.beta_schedule
     start, after = (alg.beta1, alg.beta2), (sched.beta1_after, sched.beta2_after)
@@ -74,8 +118,10 @@ def beta_schedule_from_config(config: RunConfig):
 def cpu_threads_per_process(config: RunConfig) -> int:
     """Threads for each trainer process and local server on a CPU machine.
 
-    They share the cores; oversubscribing them was measured ~10x slower.
+    They share the cores; oversubscribing them was measured ~10x slower. `train.cpu_threads` overrides it.
     """
+    if config.train.cpu_threads:
+        return config.train.cpu_threads
     num_local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     num_servers = config.rollout.num_local_servers if config.rollout.backend == "local" else 0
     return max(1, (os.cpu_count() or 1) // (num_local_ranks + num_servers))
@@ -162,8 +208,17 @@ class Driver:
         # Local servers restarted since the last weight sync (they serve stale weights until it), the
         # engine's running counts as of the last metrics line, and why a server could not be brought back.
         self.num_unsynced_restarts = 0
+        self.num_overstale = 0  # samples older than rollout.max_staleness, regenerated, over the run
         self.counts_logged = self._engine_counts()
         self.lost = ""
+        # async: the producer thread and the next step's rollouts it is making (or made).
+        self.lookahead = config.rollout.mode == "async" and config.rollout.max_staleness > 0
+        self.producer = ThreadPoolExecutor(1, thread_name_prefix="rollout-producer") if self.lookahead else None
+        self.ahead: Future | None = None
+        if extra.get("rollouts_ahead"):
+            self.ahead = Future()
+            self.ahead.set_result(StepRollouts.from_state(extra["rollouts_ahead"]))
+        self.rollout_wait_s = 0.0  # how long rank 0 waited for rollouts during the current step
 
     def _load(self, path: str, key: str) -> tuple[list, list[list[int]]]:
         if not path:
@@ -184,7 +239,8 @@ class Driver:
         return kept, ids
 
     def collect_rollouts(self, step: int) -> RolloutBatch | str:
-        """Generate, score and filter this step's samples (seeded by the step, so a resume repeats them).
+        """This step's scored and filtered samples (seeded by the step, so a resume repeats them): made now,
+        or (async) made by the producer during the last step, which then starts on the next step's.
 
         Or, as a string: `SERVERS_RESTARTED` when a local server died and was started again (the
         caller syncs the weights and asks again: the same prompts and seeds), or why the rollout failed.
@@ -193,6 +249,32 @@ class Driver:
             return SERVERS_RESTARTED
         if self.lost:
             return self.lost
+        started = time.monotonic()
+        rollouts = self._take_ahead(step) or self._produce(step)
+        if isinstance(rollouts, StepRollouts) and (stale := self._overstale(rollouts)):
+            self.num_overstale += stale
+            logger.warning("step %d: %d samples are more than rollout.max_staleness=%d policy versions old; "
+                           "generating the step's rollouts again", step, stale, self.config.rollout.max_staleness)
+            rollouts = self._produce(step)
+        self.rollout_wait_s += time.monotonic() - started
+        if isinstance(rollouts, str):
+            return rollouts
+        if self.lookahead:
+            # Also after the last step: the checkpoint keeps that batch, so a run continued past max_steps
+            # trains what an uninterrupted longer run would have.
+            self.ahead = self.producer.submit(self._produce, step + 1)
+        return self._batch(rollouts)
+
+    def _take_ahead(self, step: int) -> StepRollouts | str | None:
+        """What the producer made for `step` (waiting for it), or None when it made nothing."""
+        if self.ahead is None:
+            return None
+        rollouts, self.ahead = self.ahead.result(), None
+        assert not isinstance(rollouts, StepRollouts) or rollouts.step == step, (rollouts.step, step)
+        return rollouts
+
+    def _produce(self, step: int) -> StepRollouts | str:
+        """Generate and score `step`'s rollouts; on failure, the prompt sampler and betas are as before."""
         sampler_state, betas_state = self.sampler.state_dict(), self.betas.state_dict()
         try:
             return self._collect_rollouts(step)
@@ -203,6 +285,21 @@ class Driver:
                 return SERVERS_RESTARTED
             return self.lost or f"rollout failed: {str(err).splitlines()[0]}"
 
+    def _overstale(self, rollouts: StepRollouts) -> int:
+        """How many samples lag the policy that trains on them by more than allowed (0 in sync mode)."""
+        rollout = self.config.rollout
+        limit = rollout.max_staleness if rollout.mode == "async" else 0
+        return sum(staleness(s, step=rollouts.step) > limit for s in rollouts.experience.samples)
+
+    def _batch(self, rollouts: StepRollouts) -> RolloutBatch:
+        samples = rollouts.experience.samples
+        lags = [staleness(s, step=rollouts.step) for s in samples]
+        metrics = {**rollouts.experience.metrics, "beta1": rollouts.beta1, "beta2": rollouts.beta2,
+                   "rollout_s": rollouts.seconds, "staleness_mean": sum(lags) / len(lags),
+                   "staleness_max": max(lags), "partial_frac": 0.0}
+        return RolloutBatch(batch=pack_samples(samples, pad_id=self.pad_id), beta1=rollouts.beta1,
+                            beta2=rollouts.beta2, metrics=metrics)
+
     def _restart_dead_servers(self) -> bool:
         """Restart dead local servers; whether some restarted server still lacks the current weights."""
         try:
@@ -211,7 +308,8 @@ class Driver:
             self.lost = str(err)
         return self.num_unsynced_restarts > 0 and not self.lost
 
-    def _collect_rollouts(self, step: int) -> RolloutBatch:
+    def _collect_rollouts(self, step: int) -> StepRollouts:
+        started = time.monotonic()
         beta1, beta2 = self.betas.betas(step, entropy=self.last_entropy, sensitivities=self.last_sensitivities)
         if isinstance(self.betas, EntropyTargetController) and self.betas.saturated_steps == SATURATION_WARNING_STEPS:
             logger.warning("entropy_target: entropy %.4f has been outside [%g, %g] for %d steps with both betas at "
@@ -230,14 +328,17 @@ class Driver:
         if self.config.rollout.colocate:
             self.engine.release_memory()  # the trainer needs the accelerators until the next weight sync
             self.memory_released = True
-        metrics = {**experience.metrics, "beta1": beta1, "beta2": beta2}
-        return RolloutBatch(batch=pack_samples(experience.samples, pad_id=self.pad_id), beta1=beta1, beta2=beta2,
-                            metrics=metrics)
+        return StepRollouts(step=step, experience=experience, beta1=beta1, beta2=beta2,
+                            seconds=time.monotonic() - started)
 
     def update_weights(self, named_tensors, *, version: str) -> str:
         """Send the weights to every server: '' when they all have them, `SERVERS_RESTARTED` when one died
         during the sync and was started again (sync again), or why it failed. Always consumes
         `named_tensors`, whose gathers the other ranks take part in."""
+        if self.ahead is not None:  # the servers finish the next step's rollouts on the old weights first
+            started = time.monotonic()
+            wait([self.ahead])
+            self.rollout_wait_s += time.monotonic() - started
         self._restart_dead_servers()  # servers that died since the last sync get the weights now
         try:
             if self.lost:
@@ -283,6 +384,7 @@ class Driver:
         counts = self._engine_counts()
         metrics.update({key: float(count - self.counts_logged[key]) for key, count in counts.items()})
         self.counts_logged = counts
+        metrics["rollout_wait_s"], self.rollout_wait_s = self.rollout_wait_s, 0.0
         self.num_skipping_steps = self.num_skipping_steps + 1 if metrics["skipped_steps"] else 0
         if metrics["skipped_steps"]:
             logger.warning("step %d: %d of %d optimizer updates skipped (non-finite loss or gradient; weights "
@@ -290,9 +392,9 @@ class Driver:
         self.logger.log(step, metrics)
 
     def _engine_counts(self) -> dict[str, int]:
-        """The engine's running counts, by the name of the per-step metric they become."""
+        """The running counts of rollout incidents, by the name of the per-step metric they become."""
         return {"rollout_server_restarts": self.engine.num_restarts, "rollout_retries": self.engine.num_retries,
-                "rollout_stale_samples": self.engine.num_stale_samples}
+                "rollout_stale_samples": self.engine.num_stale_samples, "staleness_exceeded": self.num_overstale}
 
     def failure(self) -> str:
         """Why the run cannot go on ('' when it can): a rollout server lost, or too many steps in a row with
@@ -316,14 +418,22 @@ class Driver:
         return ""
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sampler": self.sampler.state_dict(), "beta_schedule": self.betas.state_dict(),
-                "last_entropy": self.last_entropy, "last_sensitivities": self.last_sensitivities,
-                "num_skipping_steps": self.num_skipping_steps}
+        state = {"sampler": self.sampler.state_dict(), "beta_schedule": self.betas.state_dict(),
+                 "last_entropy": self.last_entropy, "last_sensitivities": self.last_sensitivities,
+                 "num_skipping_steps": self.num_skipping_steps}
+        if self.ahead is not None:
+            # The sampler has moved past the next step's prompts: keep the rollouts made from them.
+            wait([self.ahead])
+            if isinstance(rollouts := self.ahead.result(), StepRollouts):
+                state["rollouts_ahead"] = rollouts.to_state()
+        return state
 
     def close(self) -> None:
         from megatron_gppo.plots import write_run_plots
 
         try:
+            if self.producer is not None:
+                self.producer.shutdown(wait=True, cancel_futures=True)
             self.engine.close()
             self.reward.close()
         finally:

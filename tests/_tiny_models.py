@@ -70,3 +70,13 @@ def tiny_run_overrides(root: str | Path) -> list[str]:
             "train.prompts_per_step=4", "rollout.num_samples_per_prompt=4", "rollout.max_new_tokens=6",
             "train.micro_batch_size=8", "train.eval_samples_per_prompt=2", "algorithm.max_refill_rounds=0",
             "logging.wandb_mode=disabled"]
+
+
+# What the rollout server's own log-probs feed: they depend on how its requests happened to be batched (~1e-8).
+SERVER_LOG_PROB_KEYS = {"rollout_logprob_abs_diff", "rollout_kl"}
+
+
+def computed_metrics(record: dict) -> dict:
+    """A metrics.jsonl record without what depends on wall-clock time or on the server's batching."""
+    return {k: v for k, v in record.items()
+            if not (k.endswith("_s") or "time" in k or "per_s" in k or k in SERVER_LOG_PROB_KEYS)}

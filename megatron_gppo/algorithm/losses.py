@@ -347,8 +347,10 @@ def truncated_is_weights(
     """Truncated importance sampling: min(pi_old / pi_rollout, tis_cap), detached.
 
     The rollout engine samples with its own kernels (and possibly precision),
-    so its probabilities differ from the trainer's pi_old; this weight corrects
-    the per-token loss for that, truncated to bound its variance.
+    and with asynchronous rollouts from weights one or more updates old, so
+    its probabilities differ from the trainer's pi_old; this weight corrects
+    the per-token loss for that (decoupled PPO: the ratio is taken against
+    pi_old, the proximal policy), truncated to bound its variance.
 
     Args:
         old_log_probs, rollout_log_probs: `[batch, response_len]`.

@@ -532,14 +532,14 @@ class RolloutServer:
             raise _BadRequest(f"{route} must run between begin_weight_update() and end_weight_update()")
 
     async def begin_weight_update(self, request: web.Request) -> web.Response:
-        begin = await _read(request, BeginWeightUpdateReqInput, allow_empty=True)
+        begin = await _read(request, BeginWeightUpdateReqInput)  # SGLang requires a body, if only {}
         if self.update_session is not None:
             raise _BadRequest("a weight-update session is already open; call end_weight_update() first")
         self.update_session = begin.selector
         return web.json_response({"success": True, "message": "Success"})
 
     async def end_weight_update(self, request: web.Request) -> web.Response:
-        await _read(request, EndWeightUpdateReqInput, allow_empty=True)
+        await _read(request, EndWeightUpdateReqInput)
         if self.update_session is None:
             raise _BadRequest("no weight-update session is open; call begin_weight_update() first")
         self.update_session = None

@@ -331,6 +331,18 @@ def serialize_named_tensors(named: list[tuple[str, torch.Tensor]]) -> str:
     return base64.b64encode(buffer.getvalue()).decode("utf-8")
 
 
+def tensor_update(tensors: list[tuple[str, torch.Tensor]], *, tp_size: int, version: str | None) -> dict:
+    """The `/update_weights_from_tensor` body of one bucket for a server of `tp_size` ranks; `version` on
+    the update's last bucket only (which also flushes the cache).
+
+    One pickle per server TP rank: each unpickling takes its own reference to the CUDA memory. Every rank
+    loads the full HF tensors and shards them itself.
+    """
+    return body(UpdateWeightsFromTensorReqInput(
+        serialized_named_tensors=[serialize_named_tensors(tensors) for _ in range(tp_size)],
+        flush_cache=version is not None, **({"weight_version": version} if version is not None else {})))
+
+
 class TensorWeightSync:
     """Colocated servers: per bucket, shared tensors (CUDA IPC or CPU shared memory) through `/update_weights_from_tensor`."""
 
@@ -348,13 +360,8 @@ class TensorWeightSync:
                 # own parameters must not do.
                 tensors = [(name, t.detach().clone() if not t.is_cuda else t.detach().contiguous())
                            for name, t in bucket]
-                per_url = {}
-                for url, tp_size in tp_sizes.items():
-                    # One pickle per server TP rank: each unpickling takes its own reference to the CUDA
-                    # memory; every rank loads the full HF tensors and shards them itself.
-                    per_url[url] = body(UpdateWeightsFromTensorReqInput(
-                        serialized_named_tensors=[serialize_named_tensors(tensors) for _ in range(tp_size)],
-                        flush_cache=is_last, **({"weight_version": version} if is_last else {})))
+                per_url = {url: tensor_update(tensors, tp_size=tp_size, version=version if is_last else None)
+                           for url, tp_size in tp_sizes.items()}
                 wait_each(self.client.request_each("/update_weights_from_tensor", per_url=per_url))
                 stats.num_buckets += 1
                 stats.num_tensors += len(bucket)
@@ -368,4 +375,4 @@ class TensorWeightSync:
 
 
 __all__ = ["DiskWeightSync", "DistributedWeightSync", "SyncStats", "TensorWeightSync", "WeightSync",
-           "WeightSyncError", "iter_buckets", "serialize_named_tensors"]
+           "WeightSyncError", "iter_buckets", "serialize_named_tensors", "tensor_update", "update_session"]

@@ -1,8 +1,10 @@
 """SIGKILL at seeded random moments: every restart resumes, and the result equals an uninterrupted run's.
 
-One tiny run (a checkpoint after every step) is killed `NUM_KILLS` times,
-the whole session each time (trainer and rollout server), and restarted on
-the same directory; then once more to finish. A restart spends most of its
+One tiny run (a checkpoint after every step) is killed several times, the
+whole session each time (trainer and rollout server), and restarted on the
+same directory; then once more to finish. Both rollout modes: in `async` a
+kill also lands while the producer generates the next step's rollouts, and a
+resume must take up the batch the checkpoint saved for its step. A restart spends most of its
 time starting up, so each kill is timed from the attempt's first finished
 step: a seeded random delay of up to `KILL_WINDOW_STEPS` step cycles
 (measured on the uninterrupted reference run), which lands in rollout, the
@@ -26,27 +28,19 @@ import pytest
 from safetensors.torch import load_file
 
 from megatron_gppo.metrics import read_metrics
-from tests._tiny_models import save_tiny_run, tiny_run_overrides
+from tests._tiny_models import computed_metrics, save_tiny_run, tiny_run_overrides
 
 pytestmark = pytest.mark.distributed
 
-NUM_KILLS = 20
 KILL_WINDOW_STEPS = 1.5
-MAX_STEPS = 45
-OVERRIDES = (f"train.max_steps={MAX_STEPS}", "checkpoint.save_every=1", "checkpoint.keep_last=2", "data.eval_path=",
-             "train.export_hf=true", "logging.plots=false")
-SERVER_LOG_PROB_KEYS = {"rollout_logprob_abs_diff", "rollout_kl"}
+OVERRIDES = ("checkpoint.save_every=1", "checkpoint.keep_last=2", "data.eval_path=", "train.export_hf=true",
+             "logging.plots=false")
 
 
-def _command(assets, out):
+def _command(assets, out, *overrides):
     return [sys.executable, "-m", "megatron_gppo.cli", "train", "examples/configs/demo_cpu.yaml",
-            f"model.hf_path={assets / 'hf'}", f"train.output_dir={out}", *tiny_run_overrides(assets), *OVERRIDES]
-
-
-def _computed(record: dict) -> dict:
-    """A metrics record without what depends on wall-clock time or on the server's batching."""
-    return {k: v for k, v in record.items()
-            if not (k.endswith("_s") or "time" in k or "per_s" in k or k in SERVER_LOG_PROB_KEYS)}
+            f"model.hf_path={assets / 'hf'}", f"train.output_dir={out}", *tiny_run_overrides(assets), *OVERRIDES,
+            *overrides]
 
 
 def _num_lines(path) -> int:
@@ -82,11 +76,14 @@ def _kill_after_progress(command, metrics_path, *, delay_s: float, timeout_s: fl
         process.wait()
 
 
-def test_twenty_kills_at_random_moments_end_bit_identical(request, tmp_path):
+@pytest.mark.parametrize("mode, num_kills, max_steps", [("sync", 10, 25), ("async", 5, 15)])
+def test_kills_at_random_moments_end_bit_identical(request, tmp_path, mode, num_kills, max_steps):
     assets = save_tiny_run(tmp_path / "assets")
-    num_kills = request.config.getoption("--soak-kills") or NUM_KILLS
+    num_kills = request.config.getoption("--soak-kills") or num_kills
+    max_steps = max(max_steps, 3 * num_kills)
+    overrides = (f"rollout.mode={mode}", f"train.max_steps={max_steps}")
     reference = tmp_path / "reference"
-    result = subprocess.run(_command(assets, reference), capture_output=True, text=True, timeout=900)
+    result = subprocess.run(_command(assets, reference, *overrides), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     # One step cycle: rollout, update, sync and checkpoint, from the spacing of the metrics lines' writes.
     checkpoint_times = sorted(p.stat().st_mtime for p in (reference / "checkpoints").glob("step_*"))
@@ -97,18 +94,18 @@ def test_twenty_kills_at_random_moments_end_bit_identical(request, tmp_path):
     metrics_path = killed / "metrics.jsonl"
     outcomes, progress = [], []
     for _ in range(num_kills):
-        outcomes.append(_kill_after_progress(_command(assets, killed), metrics_path,
+        outcomes.append(_kill_after_progress(_command(assets, killed, *overrides), metrics_path,
                                              delay_s=rng.uniform(0, KILL_WINDOW_STEPS) * cycle_s))
         progress.append(len(read_metrics(metrics_path)))
     print(f"\nstep cycle {cycle_s:.2f}s; {outcomes.count('killed')} kills; steps logged after each: {progress}")
-    assert outcomes.count("killed") == num_kills, "the run finished before every kill: raise MAX_STEPS"
-    final = subprocess.run(_command(assets, killed), capture_output=True, text=True, timeout=900)
+    assert outcomes.count("killed") == num_kills, "the run finished before every kill: raise max_steps"
+    final = subprocess.run(_command(assets, killed, *overrides), capture_output=True, text=True, timeout=900)
     assert final.returncode == 0, final.stderr[-3000:]
 
     expected, got = _weights(reference / "hf"), _weights(killed / "hf")
     assert expected.keys() == got.keys()
     assert [name for name in expected if not expected[name].equal(got[name])] == []
     want, have = read_metrics(reference / "metrics.jsonl"), read_metrics(metrics_path)
-    assert [r["step"] for r in have] == [r["step"] for r in want] == list(range(1, MAX_STEPS + 1))
+    assert [r["step"] for r in have] == [r["step"] for r in want] == list(range(1, max_steps + 1))
     for a, b in zip(want, have):
-        assert _computed(a) == _computed(b), a["step"]
+        assert computed_metrics(a) == computed_metrics(b), a["step"]

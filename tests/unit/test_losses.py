@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from megatron_gppo.algorithm import losses
-from megatron_gppo.algorithm.losses import AGGREGATIONS, POLICY_LOSSES, compute_policy_loss, loss_normalizers
+from megatron_gppo.algorithm.losses import (AGGREGATIONS, POLICY_LOSSES, compute_policy_loss, loss_normalizers,
+                                           truncated_is_weights)
 from tests._losses import loss_on_rows
 
 F64 = torch.float64
@@ -414,6 +415,21 @@ def test_truncated_importance_sampling_weights_the_token_loss(name):
     torch.testing.assert_close(grad_of(loss, log_probs), expected_grad)
     assert metrics["tis_weight_mean"] == pytest.approx((weight[loss_mask].sum() / num_tokens).item())
     assert metrics["tis_clip_frac"] == pytest.approx((truncated.sum() / num_tokens).item())
+
+
+def test_importance_weights_are_exactly_one_where_the_sampling_policy_is_the_proximal_one():
+    # Decoupled PPO (async rollouts): the ratio is taken against the trainer's recomputed (proximal) log-probs,
+    # the weight corrects from the sampling policy to it. Where the two agree it must change nothing at all.
+    log_probs, old_log_probs, advantages, loss_mask, _, rollout_log_probs = random_batch(seed=9)
+    same = torch.rand(old_log_probs.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+    rollout_log_probs = torch.where(same, old_log_probs, rollout_log_probs)
+    weights, truncated = truncated_is_weights(old_log_probs=old_log_probs, rollout_log_probs=rollout_log_probs,
+                                              loss_mask=loss_mask, tis_cap=2.0)
+    assert torch.equal(weights[same & loss_mask], torch.ones_like(weights[same & loss_mask]))
+    assert not truncated[same].any() and (weights[~same & loss_mask] != 1).any()
+    common = dict(log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages, loss_mask=loss_mask)
+    on_policy, _ = compute_policy_loss("ce_gppo", rollout_log_probs=old_log_probs, tis_cap=2.0, **common)
+    assert torch.equal(on_policy, compute_policy_loss("ce_gppo", **common)[0])
 
 
 # ---------------------------------------------------------------- errors

@@ -99,3 +99,19 @@ def test_adopt_takes_matching_tensors_without_copying():
     load_named_tensors(model, [("weight", fresh), ("bias", other_dtype)], adopt=True)
     assert model.weight.data_ptr() == fresh.data_ptr() and isinstance(model.weight, torch.nn.Parameter)
     assert model.bias.dtype == torch.float32 and torch.equal(model.bias, other_dtype.float())
+
+
+def test_tensor_update_carries_one_pickle_per_server_tp_rank():
+    from megatron_gppo.rollout.sglang_requests import UpdateWeightsFromTensorReqInput
+    from megatron_gppo.rollout.weight_sync import tensor_update
+
+    tensors = [("a", torch.arange(4.0).clone()), ("b", torch.ones(2, 2))]
+    middle = tensor_update(tensors, tp_size=4, version=None)
+    last = tensor_update(tensors, tp_size=2, version="step-3")
+    assert len(middle["serialized_named_tensors"]) == 4 and len(last["serialized_named_tensors"]) == 2
+    assert (middle["flush_cache"], "weight_version" not in middle) == (False, True)
+    assert (last["flush_cache"], last["weight_version"]) == (True, "step-3")
+    UpdateWeightsFromTensorReqInput.model_validate(last)
+    for entry in middle["serialized_named_tensors"]:  # each rank's entry holds every tensor, whole
+        assert [(name, t.tolist()) for name, t in deserialize_named_tensors(entry)] == \
+               [("a", [0.0, 1.0, 2.0, 3.0]), ("b", [[1.0, 1.0], [1.0, 1.0]])]
