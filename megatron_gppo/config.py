@@ -136,6 +136,9 @@ class RolloutConfig(Section):
     mode: Literal["sync", "async"] = "sync"
     """sync: generate, then train, then sync the weights, one after the other. async: the next step's rollouts are generated (from the weights before this step's update) while this step trains, so servers and trainer work at once; samples are then one policy version old, which the loss corrects (algorithm.tis_cap, on by default here)."""
 
+    partial: bool = False
+    """async: at each weight sync, abort the rollouts still being generated and continue them on the new weights (each token keeps the version that produced it) instead of waiting for them to finish."""
+
     max_staleness: int = Field(1, ge=0)
     """async: policy versions a trained sample may lag behind the policy that trains on it (checked per sample; a batch with an older sample is regenerated). 0 makes async equal sync; the producer runs one batch ahead, so 1 is the most the schedule produces."""
 
@@ -191,6 +194,9 @@ class RolloutConfig(Section):
         for url in self.server_urls + ([self.router_url] if self.router_url else []):
             if not url.startswith(("http://", "https://")):
                 raise ConfigError("server_urls", f"got {url!r}, expected URLs starting with http:// or https://")
+        if self.partial and not (self.mode == "async" and self.max_staleness > 0):
+            raise ConfigError("partial", "partial rollouts continue the next step's rollouts across a weight sync, "
+                                         "which only async mode overlaps; set rollout.mode=async (max_staleness >= 1)")
         if self.colocate and self.mode == "async":
             raise ConfigError("mode", "'async' generates while the trainer trains, and colocated servers share the "
                                       "trainer's accelerators; set rollout.mode=sync or rollout.colocate=false")

@@ -8,7 +8,9 @@ beta schedule and the logs. The trainer asks it for each step's rollouts
 With `rollout.mode=async` a producer thread generates step k+1's rollouts,
 from the weights before step k's update, while every rank trains step k; the
 weight sync waits for it, so the schedule is fixed and a resumed run repeats
-it (a finished batch waiting for its step is saved in the checkpoint).
+it (a finished batch waiting for its step is saved in the checkpoint). With
+`rollout.partial` the sync does not wait: it aborts what is still being
+generated, and the client continues it on the new weights.
 """
 
 from __future__ import annotations
@@ -93,10 +95,10 @@ def policy_version(weight_version: str) -> int | None:
 
 
 def staleness(sample: Sample, *, step: int) -> float:
-    """Policy versions between the weights that generated `sample` and those that train on it at `step`
-    (the weights after step - 1); infinite for weights of unknown version."""
-    version = policy_version(sample.weight_version)
-    return float("inf") if version is None else float(step - 1 - version)
+    """Policy versions between the oldest weights that generated some of `sample` and those that train on it
+    at `step` (the weights after step - 1); infinite for weights of unknown version."""
+    versions = [policy_version(version) for version in sample.versions]
+    return float("inf") if None in versions else float(step - 1 - min(versions))
 
 
 def beta_schedule_from_config(config: RunConfig):
@@ -294,9 +296,10 @@ class Driver:
     def _batch(self, rollouts: StepRollouts) -> RolloutBatch:
         samples = rollouts.experience.samples
         lags = [staleness(s, step=rollouts.step) for s in samples]
+        continued = sum(len(set(s.versions)) > 1 for s in samples)
         metrics = {**rollouts.experience.metrics, "beta1": rollouts.beta1, "beta2": rollouts.beta2,
                    "rollout_s": rollouts.seconds, "staleness_mean": sum(lags) / len(lags),
-                   "staleness_max": max(lags), "partial_frac": 0.0}
+                   "staleness_max": max(lags), "partial_frac": continued / len(samples)}
         return RolloutBatch(batch=pack_samples(samples, pad_id=self.pad_id), beta1=rollouts.beta1,
                             beta2=rollouts.beta2, metrics=metrics)
 
@@ -335,7 +338,9 @@ class Driver:
         """Send the weights to every server: '' when they all have them, `SERVERS_RESTARTED` when one died
         during the sync and was started again (sync again), or why it failed. Always consumes
         `named_tensors`, whose gathers the other ranks take part in."""
-        if self.ahead is not None:  # the servers finish the next step's rollouts on the old weights first
+        if self.ahead is not None and not self.config.rollout.partial:
+            # The servers finish the next step's rollouts on the old weights first; with partial rollouts
+            # the sync aborts them instead and the client continues them on the new weights.
             started = time.monotonic()
             wait([self.ahead])
             self.rollout_wait_s += time.monotonic() - started

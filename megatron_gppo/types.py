@@ -42,6 +42,10 @@ class Sample:
     weight_version: str
     """Weight version the server reported when it finished this sample."""
 
+    weight_versions: list[dict[str, Any]] = field(default_factory=list)
+    """Which weights produced which response tokens: SGLang's `[{"version", "start", "end"}, ...]` spans
+    over `response_ids` (more than one when the response was continued across a weight sync)."""
+
     response_text: str = ""
     """Decoded response (what the reward function reads)."""
 
@@ -61,6 +65,30 @@ class Sample:
     @property
     def response_length(self) -> int:
         return len(self.response_ids)
+
+    @property
+    def versions(self) -> list[str]:
+        """Every weight version that produced some of the response, oldest first."""
+        return [span["version"] for span in self.weight_versions] or [self.weight_version]
+
+    def continued_by(self, continuation: Sample) -> Sample:
+        """This (aborted) response followed by `continuation`, generated from prompt + this response: token
+        ids, log-probs, text and version spans joined; the finish reason and last version are the
+        continuation's."""
+        offset = self.response_length
+        spans = [dict(span) for span in self.weight_versions]
+        for span in continuation.weight_versions:
+            if spans and spans[-1]["version"] == span["version"] and spans[-1]["end"] == span["start"] + offset:
+                spans[-1]["end"] = span["end"] + offset
+            else:
+                spans.append({"version": span["version"], "start": span["start"] + offset,
+                              "end": span["end"] + offset})
+        return Sample(group_index=self.group_index, sample_index=self.sample_index, prompt_ids=self.prompt_ids,
+                      response_ids=self.response_ids + continuation.response_ids,
+                      rollout_log_probs=self.rollout_log_probs + continuation.rollout_log_probs,
+                      finish_reason=continuation.finish_reason, weight_version=continuation.weight_version,
+                      weight_versions=spans, response_text=self.response_text + continuation.response_text,
+                      metadata={**self.metadata, **continuation.metadata})
 
 
 __all__ = ["FinishReason", "Sample"]

@@ -183,6 +183,9 @@ class SGLangClient:
         self.last_stats = GenerateStats()
         self.num_retries = 0
         """Generate requests retried (on this server or another), over the client's life."""
+        self.continue_aborted = False
+        """Partial rollouts: a response aborted mid-way (a weight sync pauses generation with `abort`) is
+        continued, from the prompt plus what it has so far, until it finishes."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="sglang-client", daemon=True)
         self._thread.start()
@@ -249,6 +252,24 @@ class SGLangClient:
                 assert key not in results, f"slot {key} answered twice"
                 result = response_to_sample(answer, prompt_ids=prompts[group], group_index=group,
                                             sample_index=sample)
+                part = 0
+                while self.continue_aborted and result.finish_reason == "abort":
+                    left = request_params["max_new_tokens"] - result.response_length
+                    if left <= 0:
+                        result.finish_reason = "length"
+                        break
+                    part += 1
+                    prefix = prompts[group] + result.response_ids
+                    continued = {**request_params, "max_new_tokens": left}
+                    if seed is not None:
+                        continued["sampling_seed"] = (seed + part) % (2**63 - 1)
+                    async with semaphore:
+                        answer, url = await self._generate_one(
+                            pool, generate_payload(prompt_ids=prefix, sampling_params=continued,
+                                                   rid=f"{payload['rid']}-{part}"),
+                            in_flight, stats, timeout=timeout)
+                    result = result.continued_by(response_to_sample(answer, prompt_ids=prefix, group_index=group,
+                                                                    sample_index=sample))
                 result.metadata.update(server_url=url, rid=payload["rid"])
                 results[key] = result
                 stats.num_samples += 1

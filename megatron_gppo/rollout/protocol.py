@@ -245,9 +245,13 @@ def response_to_sample(response: Any, *, prompt_ids: Sequence[int], group_index:
         raise ValueError("output_ids disagree with the token ids of output_token_logprobs")
     if reason_type not in ("stop", "length", "abort"):
         raise ValueError(f"unknown finish_reason {reason!r}")
+    version = str(meta.get("weight_version", ""))
+    # SGLang < 0.5.20 reports only the last version: then one span covers the response.
+    spans = [{"version": str(span["version"]), "start": int(span["start"]), "end": int(span["end"])}
+             for span in meta.get("weight_versions") or [{"version": version, "start": 0, "end": len(response_ids)}]]
     return Sample(group_index=group_index, sample_index=sample_index, prompt_ids=list(prompt_ids),
                   response_ids=response_ids, rollout_log_probs=log_probs, finish_reason=reason_type,
-                  weight_version=str(meta.get("weight_version", "")), response_text=response.get("text", ""))
+                  weight_version=version, weight_versions=spans, response_text=response.get("text", ""))
 
 
 __all__ = [

@@ -367,9 +367,11 @@ class RolloutServer:
 
     async def pause_generation(self, request: web.Request) -> web.Response:
         pause = await _read(request, PauseGenerationReqInput, allow_empty=True)
+        # Paused before aborting, as SGLang does: a request resubmitted on the abort's answer (a partial
+        # rollout's continuation) then waits for /continue_generation instead of starting.
+        await asyncio.wrap_future(self.worker.set_paused(True))
         if pause.mode == "abort":
             await self._on_worker(lambda g: g.abort(abort_all=True))
-        await asyncio.wrap_future(self.worker.set_paused(True))
         return web.json_response({"message": "Generation paused successfully.", "status": "ok", "success": True})
 
     async def continue_generation(self, request: web.Request) -> web.Response:

@@ -53,9 +53,11 @@ class SGLangEngine(SGLangClient):
 
     def generate(self, prompts: Sequence[Sequence[int]], *, sampling: SamplingParams, n: int = 1,
                  desc: str = "rollout") -> list[list[Sample]]:
+        synced_before = self.synced_version  # partial rollouts: a sync may land while they are generated
         groups = super().generate(prompts, sampling=sampling, n=n, desc=desc)
         if self.synced_version:
-            self.num_stale_samples += sum(sample.weight_version != self.synced_version
+            current = {synced_before, self.synced_version}
+            self.num_stale_samples += sum(not current.issuperset(sample.versions)
                                           for group in groups for sample in group)
         return groups
 
@@ -110,6 +112,7 @@ class SGLangEngine(SGLangClient):
             engine = cls(local_servers=local, server_urls=urls, router_url=config.router_url, api_key=api_key,
                          max_concurrency=config.max_concurrency, request_timeout_s=config.request_timeout_s,
                          max_retries=config.max_retries, progress=progress)
+            engine.continue_aborted = config.partial
             engine.weight_sync = _weight_sync(config, client=engine, local=local is not None,
                                               model_path=model_path, work_dir=work_dir)
         except BaseException:
