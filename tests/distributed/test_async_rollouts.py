@@ -11,11 +11,19 @@ with partial rollouts no sample is older than one version either
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import requests
 
 from megatron_gppo.metrics import read_metrics
+from megatron_gppo.ports import free_port
+from megatron_gppo.rollout.local_servers import LocalServers
 from tests._tiny_models import computed_metrics, save_tiny_run
 from tests.distributed.test_train_e2e import train_command
 
@@ -67,3 +75,45 @@ def test_partial_rollouts_keep_every_sample_within_one_version(assets, tmp_path)
     assert len(trained) == MAX_STEPS and max(r["staleness_max"] for r in trained) <= 1
     assert all(0 <= r["partial_frac"] <= 1 and r["staleness_exceeded"] == 0 for r in trained)
     print(f"\npartial_frac by step: {[r['partial_frac'] for r in trained]}")
+
+
+ROUTER = shutil.which("sglang-router", path=str(Path(sys.executable).parent)) or shutil.which("sglang-router")
+
+
+@pytest.mark.skipif(ROUTER is None, reason="sglang-router is not installed (pip install sglang-router)")
+def test_async_partial_run_through_the_router_to_server_urls(assets, tmp_path):
+    """The `sglang` backend: servers given by URL, generation through the real sglang-router, weights to every
+    server; async with partial rollouts on top."""
+    with LocalServers(model_path=assets / "hf", num_servers=2, num_threads=1, log_dir=tmp_path / "logs",
+                      record_requests=True) as servers:
+        port = free_port()
+        with open(tmp_path / "router.log", "w") as log:
+            router = subprocess.Popen([ROUTER, "launch", "--host", "127.0.0.1", "--port", str(port),
+                                       "--worker-urls", *servers.urls, "--policy", "round_robin",
+                                       "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())],
+                                      stdout=log, stderr=subprocess.STDOUT)
+        router_url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            while not _answers(router_url):
+                assert time.monotonic() < deadline, (tmp_path / "router.log").read_text()[-2000:]
+                time.sleep(0.2)
+            records = run(assets, tmp_path / "run", "train.max_steps=3", "rollout.mode=async", "rollout.partial=true",
+                          "rollout.backend=sglang", f"rollout.server_urls=[{','.join(servers.urls)}]",
+                          f"rollout.router_url={router_url}", "rollout.weight_sync_address=127.0.0.1")
+        finally:
+            router.terminate()
+            router.wait(15)
+        generated = [sum(r["path"] == "/generate" for r in map(json.loads, open(tmp_path / "logs" / name)))
+                     for name in ("requests-0.jsonl", "requests-1.jsonl")]
+    trained = [r for r in records if "staleness_max" in r]
+    assert len(trained) == 3 and max(r["staleness_max"] for r in trained) <= 1
+    assert all(count > 0 for count in generated), generated  # the router spread the rollouts over both
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.post(f"{url}/generate", json={"input_ids": [3], "sampling_params": {"max_new_tokens": 1}},
+                             timeout=5).status_code == 200
+    except requests.ConnectionError:
+        return False
