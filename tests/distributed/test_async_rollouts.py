@@ -5,8 +5,9 @@ for metric; with 1, every trained sample is one policy version old (from its
 own `weight_version`) once the producer runs ahead, never more; a run
 stopped after a checkpoint and resumed (the checkpoint holds the finished
 batch waiting for the next step) logs what the uninterrupted run logged; and
-with partial rollouts no sample is older than one version either
-(test_partial_rollouts.py checks a continued response token by token).
+with partial rollouts, through the real sglang-router to servers given by
+URL, no sample is older than one version either (test_partial_rollouts.py
+checks a continued response token by token).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from tests.distributed.test_train_e2e import train_command
 
 pytestmark = pytest.mark.distributed
 
-MAX_STEPS = 4
+MAX_STEPS = 3
 
 
 @pytest.fixture(scope="module")
@@ -64,17 +65,6 @@ def test_async_trains_one_version_old_samples_and_resumes_exactly(assets, tmp_pa
     records = run(assets, resumed, f"train.max_steps={MAX_STEPS}", "rollout.mode=async")
     assert [r["step"] for r in records] == [r["step"] for r in uninterrupted]
     assert [computed_metrics(r) for r in records] == [computed_metrics(r) for r in uninterrupted]
-
-
-def test_partial_rollouts_keep_every_sample_within_one_version(assets, tmp_path):
-    """With `rollout.partial` the sync does not wait for the next step's rollouts: it cuts them, and they
-    finish on the new weights. Whatever got cut, no trained sample is older than one version."""
-    records = run(assets, tmp_path / "partial", f"train.max_steps={MAX_STEPS}", "rollout.mode=async",
-                  "rollout.partial=true", "rollout.max_new_tokens=24")
-    trained = [r for r in records if "staleness_max" in r]
-    assert len(trained) == MAX_STEPS and max(r["staleness_max"] for r in trained) <= 1
-    assert all(0 <= r["partial_frac"] <= 1 and r["staleness_exceeded"] == 0 for r in trained)
-    print(f"\npartial_frac by step: {[r['partial_frac'] for r in trained]}")
 
 
 ROUTER = shutil.which("sglang-router", path=str(Path(sys.executable).parent)) or shutil.which("sglang-router")

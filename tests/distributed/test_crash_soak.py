@@ -76,7 +76,7 @@ def _kill_after_progress(command, metrics_path, *, delay_s: float, timeout_s: fl
         process.wait()
 
 
-@pytest.mark.parametrize("mode, num_kills, max_steps", [("sync", 10, 25), ("async", 5, 15)])
+@pytest.mark.parametrize("mode, num_kills, max_steps", [("sync", 7, 20), ("async", 4, 12)])
 def test_kills_at_random_moments_end_bit_identical(request, tmp_path, mode, num_kills, max_steps):
     assets = save_tiny_run(tmp_path / "assets")
     num_kills = request.config.getoption("--soak-kills") or num_kills
