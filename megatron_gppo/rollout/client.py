@@ -183,6 +183,7 @@ class SGLangClient:
         self.last_stats = GenerateStats()
         self.num_retries = 0
         """Generate requests retried (on this server or another), over the client's life."""
+        self._has_sessions: dict[str, bool] = {}  # URL -> whether it has weight-update sessions
         self.continue_aborted = False
         """Partial rollouts: a response aborted mid-way (a weight sync pauses generation with `abort`) is
         continued, from the prompt plus what it has so far, until it finishes."""
@@ -421,7 +422,7 @@ class SGLangClient:
     def has_update_sessions(self) -> dict[str, bool]:
         """Server URL -> whether it has weight-update sessions (SGLang >= 0.5.21, our CPU server).
 
-        Asked without changing anything: such a server answers a GET of
+        Asked once per URL, without changing anything: such a server answers a GET of
         `/begin_weight_update` (a POST route) with 405, an older one with 404.
         """
         async def probe(url: str) -> bool:
@@ -429,7 +430,9 @@ class SGLangClient:
             if status not in (404, 405):
                 raise RolloutError(f"{url}/begin_weight_update: HTTP {status}: {text.strip()[:200]}")
             return status == 405
-        return wait_each({url: self._submit(probe(url)) for url in self.server_urls})
+        unknown = [url for url in self.server_urls if url not in self._has_sessions]
+        self._has_sessions.update(wait_each({url: self._submit(probe(url)) for url in unknown}))
+        return {url: self._has_sessions[url] for url in self.server_urls}
 
     def end_stale_update_sessions(self) -> list[str]:
         """Close weight-update sessions a previous trainer left open (it died inside an update): servers
