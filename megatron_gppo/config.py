@@ -236,7 +236,7 @@ class BetaScheduleConfig(Section):
     """entropy_target: beta moved per step per nat of distance from the band."""
 
     sign: Literal["measured", "paper"] = "measured"
-    """entropy_target: which way each beta moves the entropy: measured every step (entropy_sensitivity_beta1/2), or the paper's (beta1 lowers it, beta2 raises it) for comparison."""
+    """entropy_target: which way each beta moves the entropy: measured every step (entropy_sensitivity_beta1/2, or realized_entropy_sensitivity_beta1/2 with logging.realized_sensitivity_beta_step), or the paper's (beta1 lowers it, beta2 raises it) for comparison."""
 
     beta_min: float = _loss_hparam("beta1", default=EntropyTargetController.beta1_bounds[0])
     """entropy_target: lower bound for both betas."""
@@ -459,6 +459,9 @@ class LoggingConfig(Section):
     realized_entropy_change: bool = False
     """One more forward pass per step: the entropy of the step's own samples after its updates minus before (`realized_entropy_change`), to check `predicted_entropy_change` against."""
 
+    realized_sensitivity_beta_step: float | None = Field(None, gt=0)
+    """Measure what each beta does to the entropy through the real optimizer: redo every step's updates from the same weights and optimizer state with beta1 + this, then with beta2 + this, and log the entropy of the step's samples afterwards against the real step's, per unit beta (`realized_entropy_sensitivity_beta1/2`; the entropy_target controller then steers by them). Two more rounds of updates and three more forward passes per step; ce_gppo only. null: off."""
+
 
 class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -493,6 +496,10 @@ class RunConfig(Section):
         if self.rollout.mode == "async" and "tis_cap" not in self.algorithm.model_fields_set:
             # Off-policy samples: correct the gap between the sampling and the proximal policy by default.
             self.algorithm.tis_cap = ASYNC_TIS_CAP
+        if self.logging.realized_sensitivity_beta_step is not None and self.algorithm.loss != "ce_gppo":
+            raise ConfigError("logging.realized_sensitivity_beta_step",
+                              f"needs algorithm.loss=ce_gppo, the loss with betas (got {self.algorithm.loss}); "
+                              "set it to null")
         longest = self.data.max_prompt_tokens + self.rollout.max_new_tokens
         budget = self.train.max_tokens_per_micro_batch
         if budget is not None and budget < longest:

@@ -385,7 +385,10 @@ class Driver:
     def finish_step(self, step: int, metrics: dict[str, float]) -> None:
         metrics.update(self.maybe_evaluate(step))
         self.last_entropy = metrics.get("entropy")
-        self.last_sensitivities = [metrics.get("entropy_sensitivity_beta1"), metrics.get("entropy_sensitivity_beta2")]
+        # What each beta did through the real optimizer, where that is measured, else the first-order estimate.
+        measured = "realized_entropy_sensitivity" if "realized_entropy_sensitivity_beta1" in metrics else \
+            "entropy_sensitivity"
+        self.last_sensitivities = [metrics.get(f"{measured}_beta1"), metrics.get(f"{measured}_beta2")]
         counts = self._engine_counts()
         metrics.update({key: float(count - self.counts_logged[key]) for key, count in counts.items()})
         self.counts_logged = counts

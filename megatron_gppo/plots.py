@@ -43,6 +43,11 @@ def panels(*, eval_samples: int | None = None) -> dict[str, Panel]:
                                      "d predicted entropy change / d beta",
                                      {"entropy_sensitivity_beta1": "beta1 (> 0: raising beta1 raises entropy)",
                                       "entropy_sensitivity_beta2": "beta2 (> 0: raising beta2 raises entropy)"}),
+        "realized_entropy_sensitivity": Panel(
+            "What each beta did to the entropy through the optimizer (what-if updates)",
+            "entropy change per unit beta, this step's samples",
+            {"realized_entropy_sensitivity_beta1": "beta1 (> 0: raising beta1 raised entropy)",
+             "realized_entropy_sensitivity_beta2": "beta2 (> 0: raising beta2 raised entropy)"}),
         "betas": Panel("CE-GPPO betas (beta schedule)", "gradient scale of clipped tokens",
                        {"beta1": "beta1 (low side)", "beta2": "beta2 (high side)"}, skip_if_constant=True),
         "response_length": Panel("Response length", "tokens per response", {"response_length_mean": "mean"}),

@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -34,6 +34,7 @@ from megatron_gppo.driver import SERVERS_RESTARTED, Driver, RolloutBatch, setup_
 from megatron_gppo.errors import RunAborted
 from megatron_gppo.model.arch import ModelArch
 from megatron_gppo.model.policy import Policy
+from megatron_gppo.model.rewind import TrainingSnapshot
 from megatron_gppo.packing import rank_batch
 
 logger = logging.getLogger(__name__)
@@ -100,15 +101,27 @@ def train_on_batch(policy: Policy, rollouts: RolloutBatch, *, config: RunConfig)
 
     batch = replace(batch, old_log_probs=old_log_probs.cpu(), entropy_sensitivity=sensitivity.cpu(),
                     rollout_log_probs=batch.rollout_log_probs if config.algorithm.tis_cap is not None else None)
+
+    def update(hparams: dict) -> list:
+        return [policy.forward_backward_step(batch.rows(minibatch), loss_name=config.algorithm.loss,
+                                             loss_hparams=hparams, temperature=temperature,
+                                             micro_batch_size=micro_batch_size)
+                for _ in range(config.train.num_epochs) for minibatch in mine.minibatches]
+
+    def entropy_now() -> float:
+        _, values = policy.compute_log_probs(batch, temperature=temperature, micro_batch_size=micro_batch_size)
+        return masked_mean_over_dp(values, batch.loss_mask.to(values.device), policy)
+
     hparams = loss_hparams(config, beta1=rollouts.beta1, beta2=rollouts.beta2)
-    updates = [policy.forward_backward_step(batch.rows(minibatch), loss_name=config.algorithm.loss,
-                                            loss_hparams=hparams, temperature=temperature,
-                                            micro_batch_size=micro_batch_size)
-               for _ in range(config.train.num_epochs) for minibatch in mine.minibatches]
-    if config.logging.realized_entropy_change:
-        _, entropy_after = policy.compute_log_probs(batch, temperature=temperature, micro_batch_size=micro_batch_size)
-        after = masked_mean_over_dp(entropy_after, batch.loss_mask.to(entropy_after.device), policy)
+    beta_step = config.logging.realized_sensitivity_beta_step
+    what_if = realized_entropy_after(policy, update=update, entropy_now=entropy_now, hparams=hparams,
+                                     beta_step=beta_step) if beta_step else {}
+    updates = update(hparams)
+    if config.logging.realized_entropy_change or what_if:
+        after = entropy_now()
         sampled["realized_entropy_change"] = after - sampled["entropy"]
+        for beta, entropy_with_more in what_if.items():
+            sampled[f"realized_entropy_sensitivity_{beta}"] = (entropy_with_more - after) / beta_step
     applied = [r for r in updates if r.update_successful] or updates
     return {
         **combine_metrics(result.metrics for result in updates),
@@ -121,6 +134,26 @@ def train_on_batch(policy: Policy, rollouts: RolloutBatch, *, config: RunConfig)
         "num_updates": float(len(updates)),
         "skipped_steps": float(len(updates) - sum(r.update_successful for r in updates)),
     }
+
+
+def realized_entropy_after(policy: Policy, *, update: Callable[[dict], list], entropy_now: Callable[[], float],
+                           hparams: dict, beta_step: float) -> dict[str, float]:
+    """The entropy the step's samples would have after its updates with beta1 (then beta2) raised by `beta_step`.
+
+    Each what-if runs the step's real updates (same batch, optimizer, clipping,
+    lr schedule) from a snapshot of the weights and optimizer state, which is
+    restored afterwards, so the real updates that follow are unchanged. Where
+    `predicted_entropy_change` is first order in a step on the logits, this
+    sees what a beta does through shared weights, Adam and gradient clipping,
+    for this step's samples. Collective over the job.
+    """
+    snapshot = TrainingSnapshot.take(chunks=policy.model, optimizer=policy.optimizer, scheduler=policy.scheduler)
+    entropy_after = {}
+    for beta in ("beta1", "beta2"):
+        update({**hparams, beta: hparams[beta] + beta_step})
+        entropy_after[beta] = entropy_now()
+        snapshot.restore(scheduler=policy.scheduler)
+    return entropy_after
 
 
 def from_driver(value):

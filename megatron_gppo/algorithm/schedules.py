@@ -144,8 +144,10 @@ class EntropyTargetController:
     betas themselves carry the integral, so a beta held at a bound does not
     wind up).
 
-    sign(dH/dbeta_i) is measured: `entropy_sensitivity_beta1/2`
-    (`diagnostics.predicted_entropy_change`), smoothed over steps by an EMA.
+    sign(dH/dbeta_i) is measured: the caller passes `entropy_sensitivity_beta1/2`
+    (`diagnostics.predicted_entropy_change`, first order on the logits) or,
+    where the run measures them, `realized_entropy_sensitivity_beta1/2` (what-if
+    updates through the real optimizer), smoothed over steps by an EMA.
     Until 2 / a measurements have come in, while an EMA is within its noise
     (|mean| < 2 x the EMA's own standard deviation, sqrt(var * a / (2 - a))
     for an EMA factor a of independent steps), or with `sign="paper"`, the

@@ -48,6 +48,9 @@ LOSS_HPARAMS = {"eps_low": 0.2, "eps_high": 0.2, "beta1": 0.5, "beta2": 1.0, "en
 # parameter by at most lr * 1e-7 / eps = 1e-6) and sensitive to a wrongly scaled gradient.
 TRAIN = {"lr": 1e-3, "grad_clip": 1.0, "weight_decay": 0.01, "adam_eps": 1e-4}
 
+# Layouts that also check `model.rewind`: a what-if step rewound leaves the real steps bit-identical.
+REWIND_LAYOUTS = ("tp2", "pp2_vpp2", "dp2_distopt", "tp2_pp2")
+
 # name: (ParallelConfig fields, TrainConfig fields); "<name>_packed" runs the layout on packed rows.
 LAYOUTS = {
     "tp2": ({"tensor_parallel": 2}, {}),
@@ -201,8 +204,48 @@ def run_layouts(rank: int, world_size: int, port: int, names: list[str], ref_pat
             _max_diff(param, shard_like(param, ref["params"][key], name=key, tp_rank=tp_rank, tp_size=tp))
             for key, param in params.items())
         diffs.update(_poisoned_step(policy, mine.batch, micro_batch_size=mine.rows_per_micro_batch, rank=rank))
-        Path(out_dir, f"{name}.rank{rank}.json").write_text(json.dumps(diffs))
         del policy
+        if name in REWIND_LAYOUTS:
+            diffs.update(_rewound_steps(lambda: _setup(rank, world_size, port, parallel_fields, train_fields),
+                                        mine.batch, micro_batch_size=mine.rows_per_micro_batch))
+        Path(out_dir, f"{name}.rank{rank}.json").write_text(json.dumps(diffs))
+
+
+def _rewound_steps(new_policy, batch, *, micro_batch_size: int) -> dict[str, float]:
+    """Two real steps, each after a what-if step (other betas) that is rewound, against the two real steps alone.
+
+    The first what-if runs on fresh Adam state, which it creates and the rewind must drop; the second on the
+    moments of a real step. The parameters must come out bit for bit the same.
+    """
+    from megatron_gppo.model.rewind import TrainingSnapshot
+
+    def step(policy, hparams):
+        loss, _ = policy.forward_backward(batch, loss_name="ce_gppo", loss_hparams=hparams, temperature=TEMPERATURE,
+                                          micro_batch_size=micro_batch_size)
+        policy.step(loss=loss)
+
+    def params(policy):
+        return [p.detach().clone() for chunk in policy.model for p in chunk.parameters()]
+
+    policy = new_policy()
+    expected = []
+    for _ in range(2):
+        step(policy, LOSS_HPARAMS)
+        expected.append(params(policy))
+    expected_schedule = policy.scheduler.num_steps
+    del policy
+    policy, diffs = new_policy(), {"what_if_moved_params": 0.0, "rewound_steps_vs_real": 0.0}
+    for want in expected:
+        before = params(policy)
+        snapshot = TrainingSnapshot.take(chunks=policy.model, optimizer=policy.optimizer, scheduler=policy.scheduler)
+        step(policy, {**LOSS_HPARAMS, "beta1": 2.0, "beta2": 0.0})
+        diffs["what_if_moved_params"] = max(_max_diff(a, b) for a, b in zip(params(policy), before))
+        snapshot.restore(scheduler=policy.scheduler)
+        step(policy, LOSS_HPARAMS)
+        diffs["rewound_steps_vs_real"] = max(diffs["rewound_steps_vs_real"],
+                                             *(_max_diff(a, b) for a, b in zip(params(policy), want)))
+    diffs["rewound_schedule_vs_real"] = float(policy.scheduler.num_steps - expected_schedule)
+    return diffs
 
 
 def _poisoned_step(policy, batch, *, micro_batch_size: int, rank: int) -> dict[str, float]:

@@ -8,6 +8,8 @@ TOLERANCE (fp32; reduction order differs between layouts). The TP=2 layout
 also checks that the fused and unfused log-prob paths give the same loss and
 gradients. After it, one more step whose gradient holds a NaN on one rank
 only must change nothing on any rank (no partial update, no lr-schedule step).
+In four layouts, a what-if step with other betas, rewound (`model.rewind`),
+must leave the real steps that follow bit-identical.
 
 The `*_packed` layouts run the same samples packed several to a row
 (packing.py: long-tailed lengths, rows of the longest sample, balanced over
@@ -60,5 +62,15 @@ def layout_diffs(tmp_path_factory):
 
 @pytest.mark.parametrize("layout", [name for _, names in GROUPS for name in names])
 def test_layout_matches_tp1(layout_diffs, layout):
-    too_far = {k: v for k, v in layout_diffs[layout].items() if not v <= TOLERANCE}
+    too_far = {k: v for k, v in layout_diffs[layout].items() if not v <= TOLERANCE and k not in REWIND_KEYS}
     assert not too_far, f"{layout}: differences above {TOLERANCE}: {too_far}"
+
+
+REWIND_KEYS = ("what_if_moved_params", "rewound_steps_vs_real", "rewound_schedule_vs_real")
+
+
+@pytest.mark.parametrize("layout", worker.REWIND_LAYOUTS)
+def test_a_rewound_what_if_step_leaves_the_real_steps_bit_identical(layout_diffs, layout):
+    diffs = layout_diffs[layout]
+    assert diffs["what_if_moved_params"] > 1e-4, "the what-if step (other betas) must have changed the weights"
+    assert diffs["rewound_steps_vs_real"] == 0.0 and diffs["rewound_schedule_vs_real"] == 0.0, diffs

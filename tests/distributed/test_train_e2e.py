@@ -79,10 +79,11 @@ def test_run_killed_after_a_checkpoint_resumes_with_identical_metrics(assets, tm
 
     # The entropy controller (a band far above the tiny model's entropy, so the betas move every step) has
     # state of its own to checkpoint: the betas, its last error, the sensitivities' running statistics.
+    # It steers by the realized sensitivities, whose what-if updates are rewound before every real one.
     overrides = ("train.max_steps=4", "checkpoint.save_every=2", "train.eval_every=0",
                  "algorithm.beta_schedule.kind=entropy_target", "algorithm.beta_schedule.entropy_low=8",
                  "algorithm.beta_schedule.entropy_high=9", "algorithm.beta_schedule.integral_gain=0.01",
-                 "algorithm.beta_schedule.proportional_gain=0", "logging.realized_entropy_change=true")
+                 "algorithm.beta_schedule.proportional_gain=0", "logging.realized_sensitivity_beta_step=0.5")
     reference = tmp_path / "reference"
     result = subprocess.run(train_command(assets, reference, *overrides), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -109,7 +110,8 @@ def test_run_killed_after_a_checkpoint_resumes_with_identical_metrics(assets, tm
         for key in ("reward_mean", "response_length_mean", "num_tokens", "beta1", "beta2"):
             assert got[step][key] == expected[step][key], (step, key)
         for key in ("loss", "entropy", "grad_norm", "clip_frac_low", "approx_kl", "entropy_sensitivity_beta1",
-                    "realized_entropy_change"):
+                    "realized_entropy_change", "realized_entropy_sensitivity_beta1",
+                    "realized_entropy_sensitivity_beta2"):
             assert got[step][key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-7), (step, key)
 
 

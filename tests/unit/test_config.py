@@ -145,3 +145,12 @@ def _leaves(tree, prefix=""):
     for key, value in tree.items():
         out += _leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + key]
     return out
+
+
+def test_realized_beta_sensitivity_needs_the_loss_with_betas():
+    with pytest.raises(ConfigError, match="^config key 'logging.realized_sensitivity_beta_step': needs "
+                                          "algorithm.loss=ce_gppo, the loss with betas \\(got ppo\\); set it to null$"):
+        load_config(None, ["algorithm.loss=ppo", "logging.realized_sensitivity_beta_step=0.5"])
+    with pytest.raises(ConfigError, match="got 0.0, expected null or a number > 0"):
+        load_config(None, ["logging.realized_sensitivity_beta_step=0"])
+    assert load_config(None, ["logging.realized_sensitivity_beta_step=0.5"]).logging.realized_sensitivity_beta_step == 0.5

@@ -1,0 +1,72 @@
+"""Put the trainer back where it was: weights, optimizer moments and lr schedule, held in memory.
+
+A what-if diagnostic (`trainer.realized_entropy_sensitivities`) redoes a step's
+updates with another beta and rewinds, so the real updates then run from exactly
+the state they would have had without it. Everything an update changes is here:
+
+- the model chunks' parameters (their DDP buffers are views of them);
+- each inner torch optimizer's parameters (fp32 master copies or
+  distributed-optimizer shards, where the optimizer keeps its own) and its per-
+  parameter state (Adam's moments and step), and its param groups' scalars
+  (the lr and weight decay the schedule set; fused Adams keep their step there);
+- the lr schedule's step count.
+
+Gradients are not kept: every update zeroes them first. The copy costs one
+model's worth of memory plus the optimizer state, so it is for diagnostics, not
+the hot path.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+def _torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside a megatron optimizer (a ChainedOptimizer holds several)."""
+    if hasattr(optimizer, "chained_optimizers"):
+        return [inner for chained in optimizer.chained_optimizers for inner in _torch_optimizers(chained)]
+    return [optimizer.optimizer]
+
+
+@dataclass
+class TrainingSnapshot:
+    """Saved copies of everything an optimizer update changes; `restore()` writes them back in place."""
+
+    tensors: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    """(live tensor, saved copy) pairs."""
+    states: list[tuple[torch.optim.Optimizer, dict]] = field(default_factory=list)
+    """(torch optimizer, saved copy of its per-parameter state) pairs; state it creates later is dropped."""
+    groups: list[tuple[dict, dict]] = field(default_factory=list)
+    """(live param group, its saved non-parameter entries) pairs."""
+    scheduler_steps: int = 0
+
+    @classmethod
+    def take(cls, *, chunks: list[torch.nn.Module], optimizer: Any, scheduler: Any) -> TrainingSnapshot:
+        snapshot = cls(scheduler_steps=scheduler.num_steps)
+        for chunk in chunks:
+            snapshot.tensors += [(param.data, param.data.clone()) for param in chunk.parameters()]
+        for inner in _torch_optimizers(optimizer):
+            for group in inner.param_groups:
+                snapshot.groups.append((group, copy.deepcopy({k: v for k, v in group.items() if k != "params"})))
+                snapshot.tensors += [(param.data, param.data.clone()) for param in group["params"]]
+            snapshot.states.append((inner, {param: _clone(state) for param, state in inner.state.items()}))
+        return snapshot
+
+    def restore(self, *, scheduler: Any) -> None:
+        with torch.no_grad():
+            for live, saved in self.tensors:
+                live.copy_(saved)
+        for inner, saved in self.states:
+            inner.state.clear()
+            inner.state.update({param: _clone(state) for param, state in saved.items()})
+        for live, saved in self.groups:
+            live.update(copy.deepcopy(saved))
+        scheduler.num_steps = self.scheduler_steps
+
+
+def _clone(state: dict) -> dict:
+    return {key: value.clone() if torch.is_tensor(value) else copy.deepcopy(value) for key, value in state.items()}
