@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_gppo.algorithm import make_beta_schedule
-from megatron_gppo.algorithm.schedules import EntropyTargetController
+from megatron_gppo.algorithm.schedules import EntropyTargetController, sensitivities_from
 from megatron_gppo.batching import PolicyBatch, pack_samples
 from megatron_gppo.config import RunConfig, save_config, to_dict
 from megatron_gppo.data import PromptSampler, encode_prompt, load_prompts, pad_token_id
@@ -385,10 +385,7 @@ class Driver:
     def finish_step(self, step: int, metrics: dict[str, float]) -> None:
         metrics.update(self.maybe_evaluate(step))
         self.last_entropy = metrics.get("entropy")
-        # What each beta did through the real optimizer, where that is measured, else the first-order estimate.
-        measured = "realized_entropy_sensitivity" if "realized_entropy_sensitivity_beta1" in metrics else \
-            "entropy_sensitivity"
-        self.last_sensitivities = [metrics.get(f"{measured}_beta1"), metrics.get(f"{measured}_beta2")]
+        self.last_sensitivities = sensitivities_from(metrics)
         counts = self._engine_counts()
         metrics.update({key: float(count - self.counts_logged[key]) for key, count in counts.items()})
         self.counts_logged = counts

@@ -24,7 +24,7 @@ instead (see its docstring). The paper's 7B run switches (beta1, beta2) from
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
@@ -263,6 +263,13 @@ class EntropyTargetController:
         self._sensitivity_var = [float(v) for v in state.get("sensitivity_var", (0.0, 0.0))]
         self._num_observed = [int(v) for v in state.get("num_observed", (0, 0))]
         self.saturated_steps = int(state.get("saturated_steps", 0))
+
+
+def sensitivities_from(metrics: Mapping[str, float]) -> list[float | None]:
+    """The step's (d entropy / d beta1, d beta2) for the controller: realized through the optimizer where the
+    run measures it (`realized_entropy_sensitivity_*`), else the first-order `entropy_sensitivity_*`."""
+    name = "realized_entropy_sensitivity" if "realized_entropy_sensitivity_beta1" in metrics else "entropy_sensitivity"
+    return [metrics.get(f"{name}_beta1"), metrics.get(f"{name}_beta2")]
 
 
 def _clip(value: float, bounds: BetaPair) -> float:

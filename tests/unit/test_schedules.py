@@ -5,7 +5,7 @@ import random
 import pytest
 
 from megatron_gppo.algorithm.schedules import (BETA_SCHEDULES, ConstantBetas, EntropyTargetController, LinearRamp,
-                                               StepSwitch, make_beta_schedule)
+                                               StepSwitch, make_beta_schedule, sensitivities_from)
 
 
 def test_constant():
@@ -176,3 +176,11 @@ def test_entropy_controller_counts_the_steps_it_cannot_act():
     assert controller.betas(8) == (0.0, 2.0) and controller.saturated_steps == 5
     controller.betas(8, entropy=0.45)  # back in the band
     assert controller.saturated_steps == 0
+
+
+def test_controller_feedback_prefers_what_the_betas_did_through_the_optimizer():
+    first_order = {"entropy_sensitivity_beta1": -0.002, "entropy_sensitivity_beta2": 0.001}
+    assert sensitivities_from(first_order) == [-0.002, 0.001]
+    realized = {**first_order, "realized_entropy_sensitivity_beta1": 0.004, "realized_entropy_sensitivity_beta2": -0.003}
+    assert sensitivities_from(realized) == [0.004, -0.003]
+    assert sensitivities_from({}) == [None, None]  # a loss without betas
