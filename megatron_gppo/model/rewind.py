@@ -11,8 +11,9 @@ the state they would have had without it. Everything an update changes is here:
   (the lr and weight decay the schedule set; fused Adams keep their step there);
 - the lr schedule's step count.
 
-Gradients are not kept: every update zeroes them first. The copy costs one
-model's worth of memory plus the optimizer state, so it is for diagnostics, not
+Gradients are not kept: every update zeroes them first. The copies live in
+host memory (a rank's weights and optimizer state, once), so on a GPU a
+snapshot costs transfer time, not device memory; it is for diagnostics, not
 the hot path.
 """
 
@@ -38,7 +39,7 @@ class TrainingSnapshot:
 
     tensors: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     """(live tensor, saved copy) pairs."""
-    states: list[tuple[torch.optim.Optimizer, dict]] = field(default_factory=list)
+    states: list[tuple[torch.optim.Optimizer, dict[Any, dict[str, _HostCopy]]]] = field(default_factory=list)
     """(torch optimizer, saved copy of its per-parameter state) pairs; state it creates later is dropped."""
     groups: list[tuple[dict, dict]] = field(default_factory=list)
     """(live param group, its saved non-parameter entries) pairs."""
@@ -48,12 +49,13 @@ class TrainingSnapshot:
     def take(cls, *, chunks: list[torch.nn.Module], optimizer: Any, scheduler: Any) -> TrainingSnapshot:
         snapshot = cls(scheduler_steps=scheduler.num_steps)
         for chunk in chunks:
-            snapshot.tensors += [(param.data, param.data.clone()) for param in chunk.parameters()]
+            snapshot.tensors += [(param.data, _to_host(param.data)) for param in chunk.parameters()]
         for inner in _torch_optimizers(optimizer):
             for group in inner.param_groups:
                 snapshot.groups.append((group, copy.deepcopy({k: v for k, v in group.items() if k != "params"})))
-                snapshot.tensors += [(param.data, param.data.clone()) for param in group["params"]]
-            snapshot.states.append((inner, {param: _clone(state) for param, state in inner.state.items()}))
+                snapshot.tensors += [(param.data, _to_host(param.data)) for param in group["params"]]
+            snapshot.states.append((inner, {param: {key: _HostCopy.of(value) for key, value in state.items()}
+                                            for param, state in inner.state.items()}))
         return snapshot
 
     def restore(self, *, scheduler: Any) -> None:
@@ -62,11 +64,29 @@ class TrainingSnapshot:
                 live.copy_(saved)
         for inner, saved in self.states:
             inner.state.clear()
-            inner.state.update({param: _clone(state) for param, state in saved.items()})
+            inner.state.update({param: {key: value.back() for key, value in state.items()}
+                                for param, state in saved.items()})
         for live, saved in self.groups:
             live.update(copy.deepcopy(saved))
         scheduler.num_steps = self.scheduler_steps
 
 
-def _clone(state: dict) -> dict:
-    return {key: value.clone() if torch.is_tensor(value) else copy.deepcopy(value) for key, value in state.items()}
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", copy=True)
+
+
+@dataclass(frozen=True)
+class _HostCopy:
+    """One optimizer-state entry: a tensor copied to host memory (and the device it goes back to), or a value."""
+
+    value: Any
+    device: torch.device | None = None
+
+    @classmethod
+    def of(cls, value: Any) -> _HostCopy:
+        if torch.is_tensor(value):
+            return cls(_to_host(value), value.device)
+        return cls(copy.deepcopy(value))
+
+    def back(self) -> Any:
+        return self.value.to(self.device, copy=True) if self.device is not None else copy.deepcopy(self.value)
