@@ -306,6 +306,27 @@ def run_log_probs_and_loss(rank: int, port: int, path: str, dtype: str) -> None:
                 "device": device}, path)
 
 
+def run_realized_sensitivity(rank: int, port: int, path: str) -> None:
+    """`trainer.train_on_batch` on the test batch with its what-if updates at beta1=0, beta2=1, then the real
+    step at beta1=0.5 and at beta2=1.5, each from the same fresh policy; writes the metrics of all three."""
+    from megatron_gppo.config import load_config
+    from megatron_gppo.driver import RolloutBatch
+    from megatron_gppo.trainer import train_on_batch
+
+    # Two epochs of two minibatches and a narrow clip range, so the later updates clip tokens on both sides.
+    config = load_config(None, ["train.num_epochs=2", "train.num_minibatches=2", "train.micro_batch_size=2",
+                                "algorithm.eps_low=0.001", "algorithm.eps_high=0.001",
+                                "logging.realized_sensitivity_beta_step=0.5", f"rollout.temperature={TEMPERATURE}"])
+    batch = replace(full_batch(), rollout_log_probs=torch.zeros(len(PROMPT_LENS), SEQ_LEN))
+    results = {}
+    for name, (beta1, beta2) in {"base": (0.0, 1.0), "beta1": (0.5, 1.0), "beta2": (0.0, 1.5)}.items():
+        policy = _setup(rank, 1, port, {}, {})
+        results[name] = train_on_batch(policy, RolloutBatch(batch=batch, beta1=beta1, beta2=beta2, metrics={}),
+                                       config=config)
+        del policy
+    Path(path).write_text(json.dumps(results))
+
+
 def _this_rank(policy, batch, *, packed: bool):
     from megatron.core import parallel_state
 
