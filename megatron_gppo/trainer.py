@@ -174,8 +174,8 @@ def run(config: RunConfig) -> None:
         # megatron checkpoint) they must get the policy's actual weights first.
         if failure := sync_weights(policy, driver, arch=arch, version=f"step-{start_step}"):
             raise RunAborted(failure)
-        if driver is not None:
-            driver.maybe_evaluate(start_step, force=start_step == 0)
+        if driver is not None and start_step == 0:
+            driver.maybe_evaluate(0, force=True)  # the starting point; a resumed run logged its evals already
         saved_step, step_time_s = start_step, 0.0
         for step in range(start_step + 1, config.train.max_steps + 1):
             # Every rank must leave the loop at the same boundary, so the driver decides for all.
