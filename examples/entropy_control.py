@@ -88,7 +88,8 @@ def main() -> None:
         for label, path in dirs.items():
             print(summary_line(label, path, band))
         best_constant = max((label for label in dirs if label.startswith("constant")), key=shares.get)
-        shown = {label: dirs[label] for label in (measured, "controller, paper signs", best_constant)}
+        shown = {measured: dirs[measured], "controller, paper signs": dirs["controller, paper signs"],
+                 f"{best_constant} (best constant)": dirs[best_constant]}
         print(f"  figure: {entropy_control_figure(shown, band=band, output=out.parent / f'seed{seed}.png')}")
 
 

@@ -1,6 +1,6 @@
-"""Put the trainer back where it was: weights, optimizer moments and lr schedule, held in memory.
+"""Put the trainer back where it was: weights, optimizer moments and lr schedule, copied to host memory.
 
-A what-if diagnostic (`trainer.realized_entropy_sensitivities`) redoes a step's
+A what-if diagnostic (`trainer.realized_entropy_after`) redoes a step's
 updates with another beta and rewinds, so the real updates then run from exactly
 the state they would have had without it. Everything an update changes is here:
 
