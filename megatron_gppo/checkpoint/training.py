@@ -228,9 +228,10 @@ def _init_optimizer_states(optimizer) -> None:
     megatron's distributed optimizer builds its sharded state dict from the
     existing states (and their `step`), so they must exist before loading.
     """
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(sub, "optimizer", None)
-        if inner is None or all(inner.state.get(p) for g in inner.param_groups for p in g["params"]):
+    from megatron_gppo.model.optimizer import torch_optimizers
+
+    for sub, inner in torch_optimizers(optimizer):
+        if all(inner.state.get(p) for g in inner.param_groups for p in g["params"]):
             continue
         if getattr(sub, "init_state_fn", None) is not None:
             sub.init_state_fn(inner, sub.config)
@@ -247,9 +248,10 @@ def _restore_adam_steps(optimizer) -> None:
     the template's per-parameter `step` over it; torch's Adam would then also
     increment the shared tensor once per parameter.
     """
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(sub, "optimizer", None)
-        for group in getattr(inner, "param_groups", []):
+    from megatron_gppo.model.optimizer import torch_optimizers
+
+    for _, inner in torch_optimizers(optimizer):
+        for group in inner.param_groups:
             if "step" not in group:
                 continue
             for param in group["params"]:

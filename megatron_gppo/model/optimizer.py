@@ -135,6 +135,13 @@ def finite_everywhere(chunks: list[torch.nn.Module], *, loss: float) -> bool:
     return bool(finite.item())
 
 
+def torch_optimizers(optimizer: MegatronOptimizer) -> list[tuple[MegatronOptimizer, torch.optim.Optimizer]]:
+    """(megatron optimizer, the torch optimizer it steps) for each optimizer a ChainedOptimizer holds, or for
+    `optimizer` itself; one without a torch optimizer (no parameters on this rank) is left out."""
+    return [(sub, sub.optimizer) for sub in getattr(optimizer, "chained_optimizers", [optimizer])
+            if getattr(sub, "optimizer", None) is not None]
+
+
 def current_lr(optimizer: MegatronOptimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
@@ -147,5 +154,5 @@ def zero_grads(chunks: list[DistributedDataParallel], optimizer: MegatronOptimiz
 
 __all__ = [
     "StepStats", "build_optimizer", "build_scheduler", "current_lr", "finite_everywhere", "optimizer_step",
-    "wrap_ddp", "zero_grads",
+    "torch_optimizers", "wrap_ddp", "zero_grads",
 ]

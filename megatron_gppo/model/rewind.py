@@ -25,12 +25,7 @@ from typing import Any
 
 import torch
 
-
-def _torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
-    """The torch optimizers inside a megatron optimizer (a ChainedOptimizer holds several)."""
-    if hasattr(optimizer, "chained_optimizers"):
-        return [inner for chained in optimizer.chained_optimizers for inner in _torch_optimizers(chained)]
-    return [optimizer.optimizer]
+from megatron_gppo.model.optimizer import torch_optimizers
 
 
 @dataclass
@@ -48,14 +43,15 @@ class TrainingSnapshot:
     @classmethod
     def take(cls, *, chunks: list[torch.nn.Module], optimizer: Any, scheduler: Any) -> TrainingSnapshot:
         snapshot = cls(scheduler_steps=scheduler.num_steps)
-        for chunk in chunks:
-            snapshot.tensors += [(param.data, _to_host(param.data)) for param in chunk.parameters()]
-        for inner in _torch_optimizers(optimizer):
+        params = {id(param): param for chunk in chunks for param in chunk.parameters()}
+        for _, inner in torch_optimizers(optimizer):
             for group in inner.param_groups:
                 snapshot.groups.append((group, copy.deepcopy({k: v for k, v in group.items() if k != "params"})))
-                snapshot.tensors += [(param.data, _to_host(param.data)) for param in group["params"]]
+                # An fp32 optimizer steps the model's own parameters: copy each tensor once.
+                params.update((id(param), param) for param in group["params"])
             snapshot.states.append((inner, {param: {key: _HostCopy.of(value) for key, value in state.items()}
                                             for param, state in inner.state.items()}))
+        snapshot.tensors = [(param.data, _to_host(param.data)) for param in params.values()]
         return snapshot
 
     def restore(self, *, scheduler: Any) -> None:
