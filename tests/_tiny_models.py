@@ -73,7 +73,8 @@ def tiny_run_overrides(root: str | Path) -> list[str]:
 
 
 # What the rollout server's own log-probs feed: they depend on how its requests happened to be batched (~1e-8).
-SERVER_LOG_PROB_KEYS = {"rollout_logprob_abs_diff", "rollout_kl"}
+# With algorithm.tis_cap set (async mode's default) the truncated IS weights are made from them too.
+SERVER_LOG_PROB_KEYS = {"rollout_logprob_abs_diff", "rollout_kl", "tis_weight_mean", "tis_clip_frac"}
 
 
 def computed_metrics(record: dict) -> dict:
